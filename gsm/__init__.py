@@ -1,0 +1,3 @@
+"""GSM-VSR: Gather-Scatter Mamba video super-resolution."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,64 @@
+"""`gsm` command line. Each command wires one stage function; errors print one line, no traceback."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="GSM-VSR: Gather-Scatter Mamba video SR.")
+
+
+def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn expected failures (bad params, missing files) into `error: ...` and exit code 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log backend choices.")) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+@app.command("model-report")
+@one_line_errors
+def model_report_cmd(
+    params: Path = typer.Option(Path("params.yaml"), help="params file; its `model` section is timed"),
+    out: Path = typer.Option(Path("reports"), help="folder for model.md and model.json"),
+) -> None:
+    """Parameter and FLOP counts of the paper config; CPU timing of the params.yaml network."""
+    from gsm.models.report import model_report
+    from gsm.params import load_params
+
+    result = model_report(load_params(params).model, out)
+    p = result["paper"]
+    typer.echo(f"paper config: {p['params']['total']:,} parameters, "
+               f"{p['macs_per_frame_180x320'] / 1e12:.3f} TMACs/frame at 180x320")
+    s = result["small"]
+    typer.echo(f"params.yaml model: {s['params']['total']:,} parameters, forward {s['forward_s']:.2f} s, "
+               f"forward+backward {s['forward_backward_s']:.2f} s on {s['cpu_clip']}")
+    typer.echo(f"wrote {out / 'model.md'} and {out / 'model.json'}")
+
+
+@app.command()
+def info() -> None:
+    """Which kernels this machine will use."""
+    import torch
+
+    from gsm.ops.backend import causal_conv1d_available, mamba_ssm_available, numba_available
+
+    typer.echo(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
+    typer.echo(f"mamba-ssm kernels: {mamba_ssm_available()}, causal-conv1d: {causal_conv1d_available()}, "
+               f"numba CPU scan: {numba_available()}")
