@@ -253,6 +253,29 @@ class SWSA(nn.Module):
         return x
 
 
+def swsa_macs_split(
+    dim: int,
+    T: int,
+    H: int,
+    W: int,
+    depth: int = 4,
+    window: Size3 = (2, 8, 8),
+    mlp_ratio: float = 2.0,
+) -> tuple[int, int]:
+    """(linear-layer, attention-matmul) multiply-accumulates of one SWSA forward on (1, T, H, W, dim).
+
+    Counted over the padded volume (padding is computed, so it is paid for); norms, softmax,
+    GELU, the gating product and bias additions are ignored. Kept apart because profilers do
+    not see the fused attention kernel.
+    """
+    win, _ = effective_window((T, H, W), tuple(window))  # type: ignore[arg-type]
+    tokens = math.prod(padded_size((T, H, W), win))
+    hidden = int(dim * mlp_ratio)
+    linear = 3 * dim * dim + dim * dim + 2 * dim * hidden + hidden * dim
+    attn = 2 * math.prod(win) * dim  # QK^T and AV per query token
+    return depth * tokens * linear, depth * tokens * attn
+
+
 def swsa_macs(
     dim: int,
     T: int,
@@ -262,15 +285,5 @@ def swsa_macs(
     window: Size3 = (2, 8, 8),
     mlp_ratio: float = 2.0,
 ) -> int:
-    """Multiply-accumulates of one SWSA forward on a (1, T, H, W, dim) input.
-
-    Counts the linear layers and the two attention matmuls over the padded
-    volume (padding is computed, so it is paid for); norms, softmax, GELU,
-    the gating product and bias additions are ignored.
-    """
-    win, _ = effective_window((T, H, W), tuple(window))  # type: ignore[arg-type]
-    tokens = math.prod(padded_size((T, H, W), win))
-    hidden = int(dim * mlp_ratio)
-    linear = 3 * dim * dim + dim * dim + 2 * dim * hidden + hidden * dim
-    attn = 2 * math.prod(win) * dim  # QK^T and AV per query token
-    return depth * tokens * (linear + attn)
+    """Multiply-accumulates of one SWSA forward on a (1, T, H, W, dim) input."""
+    return sum(swsa_macs_split(dim, T, H, W, depth, window, mlp_ratio))
