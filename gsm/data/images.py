@@ -1,0 +1,90 @@
+"""Frame I/O shared by degradation, packing and datasets: RGB uint8 arrays, PNG on disk or in LMDB.
+
+Conversions (documented, not errors): grayscale frames become RGB by repeating the channel;
+16-bit frames become 8-bit by rounding v / 257; an alpha channel is dropped. Anything that does not
+decode is a one-line ValueError naming the file or key.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+import cv2
+import numpy as np
+
+cv2.setNumThreads(1)  # parallelism comes from worker processes; OpenCV threads would oversubscribe
+
+
+def to_rgb8(img: np.ndarray, name: str) -> np.ndarray:
+    """Normalise a decoded OpenCV image (BGR/BGRA/gray, 8 or 16 bit) to H x W x 3 uint8 RGB."""
+    if img.dtype == np.uint16:
+        img = ((img.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise ValueError(f"{name}: unsupported pixel type {img.dtype}")
+    if img.ndim == 2:
+        img = img[:, :, None]
+    if img.ndim != 3 or img.shape[2] not in (1, 3, 4):
+        raise ValueError(f"{name}: unsupported image shape {img.shape}")
+    if img.shape[2] == 1:
+        return np.ascontiguousarray(np.repeat(img, 3, axis=2))
+    return np.ascontiguousarray(cv2.cvtColor(img[:, :, :3], cv2.COLOR_BGR2RGB))
+
+
+def decode_png(data: bytes, name: str) -> np.ndarray:
+    """PNG (or any OpenCV-readable) bytes -> H x W x 3 uint8 RGB."""
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise ValueError(f"{name}: cannot decode image")
+    return to_rgb8(img, name)
+
+
+def encode_png(img: np.ndarray, level: int = 1) -> bytes:
+    """H x W x 3 uint8 RGB -> PNG bytes (level 0-9: BasicSR's LMDBs use 1)."""
+    ok, buf = cv2.imencode(".png", cv2.cvtColor(img, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_PNG_COMPRESSION, level])
+    if not ok:
+        raise ValueError("cannot encode image as PNG")
+    return buf.tobytes()
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such frame") from None
+    return decode_png(data, str(path))
+
+
+def write_png(path: str | Path, img: np.ndarray, level: int = 1) -> None:
+    """Atomic: a crash never leaves a truncated PNG under the final name."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(encode_png(img, level))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FrameStore(Protocol):
+    """Frames by key (relative path without extension, e.g. `000/00000000`, `00001/0001/im4`)."""
+
+    def get(self, key: str) -> np.ndarray: ...
+
+
+class FolderStore:
+    """Frames as `root/<key>.png` files."""
+
+    def __init__(self, root: str | Path, ext: str = ".png") -> None:
+        self.root, self.ext = Path(root), ext
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"{self.root}: frame folder not found")
+
+    def get(self, key: str) -> np.ndarray:
+        return read_image(self.root / f"{key}{self.ext}")
