@@ -1,0 +1,273 @@
+"""Resumable, verified downloads: the dataset archives are tens of GB on slow academic servers.
+
+Bytes arrive in ``<final>.part``; only a file that passes the size and checksum checks is renamed
+(atomically) to its final name, so a final name on disk always means "complete". When a source
+has neither size nor checksum, nothing can be checked and an existing final file is trusted.
+
+Transient failures (cannot connect, timeouts, HTTP 5xx/408/429, a connection dropped mid-body)
+are retried with exponential back-off and resume from the bytes already received; an attempt that
+extends the partial file past its previous high-water mark does not count against ``retries``.
+Other HTTP errors fail at once. ``file://`` URLs and plain paths are copied through the same
+verify-then-rename path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from tqdm import tqdm
+
+from gsm.data.sources import Source, require_url
+
+CHUNK = 1 << 20
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+_RETRY_STATUS = {408, 429}  # 4xx codes that mean "try again later", not "wrong request"
+
+
+class _Transient(Exception):
+    """An attempt failed in a way that another attempt may fix; ``connect`` = never reached the server."""
+
+    def __init__(self, reason: str, connect: bool = False) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.connect = connect
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _mismatch(path: Path, source: Source, progress: bool) -> str | None:
+    """Why ``path`` is not ``source``'s archive, or None when every known check passes."""
+    size = path.stat().st_size
+    if source.size is not None and size != source.size:
+        return f"size mismatch (expected {source.size} bytes, got {size})"
+    algos = {a: getattr(source, a) for a in ("sha256", "md5") if getattr(source, a)}
+    if not algos:
+        return None
+    hashers = {a: hashlib.new(a) for a in algos}
+    with open(path, "rb") as f, tqdm(
+        total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"verify {path.name}",
+        disable=not progress, leave=False,
+    ) as bar:
+        while chunk := f.read(CHUNK):
+            for h in hashers.values():
+                h.update(chunk)
+            bar.update(len(chunk))
+    for algo, expected in algos.items():
+        got = hashers[algo].hexdigest()
+        if got != expected:
+            return f"checksum mismatch ({algo} expected {expected}, got {got})"
+    return None
+
+
+def _finish(part: Path, final: Path, source: Source, url: str, progress: bool) -> None:
+    problem = _mismatch(part, source, progress)
+    if problem is not None:
+        part.unlink(missing_ok=True)  # wrong bytes: resuming from them could never verify
+        raise ValueError(f"{source.name}: {problem} for {url}")
+    os.replace(part, final)
+
+
+def fetch(
+    source: Source,
+    dest_dir: Path,
+    *,
+    retries: int = 3,
+    backoff: float = 1.0,
+    timeout: float = 60,
+    progress: bool = True,
+) -> Path:
+    """Download (or copy) ``source`` into ``dest_dir`` and return the verified file's path.
+
+    Idempotent: a final file that verifies is returned without any request; one that does not is
+    removed and fetched again. ``retries`` counts attempts after the first.
+    """
+    url = require_url(source)
+    if retries < 0 or backoff < 0 or timeout <= 0:
+        raise ValueError(f"{source.name}: retries and backoff must be >= 0 and timeout > 0")
+    dest_dir = Path(dest_dir)
+    final = dest_dir / source.filename
+    part = final.with_name(final.name + ".part")
+    if final.is_file():
+        if _mismatch(final, source, progress) is None:
+            return final
+        final.unlink()
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme in ("http", "https"):
+        _download(source, url, part, retries=retries, backoff=backoff, timeout=timeout, progress=progress)
+    elif scheme in ("file", ""):
+        _copy_local(source, url, part, progress)
+    else:
+        raise ValueError(f"{source.name}: unsupported URL scheme {scheme!r} in {url}")
+    _finish(part, final, source, url, progress)
+    return final
+
+
+def _local_path(url: str) -> Path:
+    if "://" not in url:
+        return Path(url).expanduser()
+    parts = urlsplit(url)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"file URL {url} names a remote host {parts.netloc!r}")
+    return Path(urllib.request.url2pathname(parts.path))
+
+
+def _copy_local(source: Source, url: str, part: Path, progress: bool) -> None:
+    src = _local_path(url)
+    if not src.is_file():
+        raise FileNotFoundError(f"{source.name}: not found at {src}")
+    total = src.stat().st_size
+    with open(src, "rb") as fin, open(part, "wb") as fout, tqdm(
+        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=source.name, disable=not progress,
+    ) as bar:
+        while chunk := fin.read(CHUNK):
+            fout.write(chunk)
+            bar.update(len(chunk))
+        fout.flush()
+        os.fsync(fout.fileno())
+
+
+def _download(
+    source: Source, url: str, part: Path, *, retries: int, backoff: float, timeout: float, progress: bool
+) -> None:
+    split = urlsplit(url)
+    host = split.hostname or ""
+    port = split.port or (443 if split.scheme.lower() == "https" else 80)
+    # Loopback never goes through a proxy: an environment proxy must not see local test traffic.
+    handlers = [urllib.request.ProxyHandler({})] if host in _LOOPBACK else []
+    opener = urllib.request.build_opener(*handlers)
+    failures = 0
+    high_water = _size(part)
+    with tqdm(
+        total=source.size, unit="B", unit_scale=True, unit_divisor=1024, desc=source.name, disable=not progress,
+    ) as bar:
+        while True:
+            try:
+                if _attempt(opener, source, url, part, timeout, bar):
+                    return
+                continue  # the partial file was unusable and is gone: start over at once
+            except _Transient as exc:
+                if _size(part) > high_water:  # progress made: the connection is flaky, not dead
+                    high_water = _size(part)
+                    failures = 0
+                failures += 1
+                if failures > retries:
+                    if exc.connect:
+                        raise ConnectionError(
+                            f"{source.name}: cannot connect to {host}:{port} ({exc.reason}) after {failures} attempts"
+                        ) from None
+                    raise ConnectionError(
+                        f"{source.name}: download from {url} failed ({exc.reason}) after {failures} attempts"
+                    ) from None
+                time.sleep(backoff * 2 ** (failures - 1))
+
+
+_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)")
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(first byte, total length) from a Content-Range header; None where absent or '*'."""
+    m = _CONTENT_RANGE.match(value or "")
+    if not m:
+        return None, None
+    first = int(m.group(1)) if m.group(1) is not None else None
+    total = int(m.group(3)) if m.group(3) != "*" else None
+    return first, total
+
+
+def _attempt(
+    opener: urllib.request.OpenerDirector, source: Source, url: str, part: Path, timeout: float, bar: tqdm
+) -> bool:
+    """One request. True: ``part`` holds the whole body; False: ``part`` was discarded, go again."""
+    offset = _size(part)
+    if source.size is not None and offset > source.size:
+        part.unlink()
+        offset = 0
+    if source.size is not None and offset == source.size and offset > 0:
+        return True
+    headers = {"User-Agent": "gsm-vsr", "Accept-Encoding": "identity"}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        response = opener.open(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        code, msg, reply_headers = exc.code, exc.reason, exc.headers
+        exc.close()
+        if code == 416 and offset:
+            _, total = _content_range(reply_headers.get("Content-Range"))
+            if total == offset:
+                return True
+            part.unlink(missing_ok=True)
+            return False
+        if code in (404, 410):
+            raise FileNotFoundError(f"{source.name}: not found (HTTP {code}) at {url}") from None
+        if code in (401, 403):
+            raise PermissionError(f"{source.name}: access denied (HTTP {code}) at {url}") from None
+        if code >= 500 or code in _RETRY_STATUS:
+            raise _Transient(f"HTTP {code} {msg}") from None
+        raise RuntimeError(f"{source.name}: HTTP {code} {msg} at {url}") from None
+    except urllib.error.URLError as exc:
+        reason = exc.reason
+        raise _Transient(_reason(reason) if isinstance(reason, BaseException) else str(reason), connect=True) from None
+    except (OSError, http.client.HTTPException) as exc:
+        raise _Transient(_reason(exc)) from None
+
+    with response:
+        if response.status == 206:
+            first, total = _content_range(response.headers.get("Content-Range"))
+            if first != offset:  # not the range asked for: the partial file cannot be continued
+                part.unlink(missing_ok=True)
+                raise _Transient(f"server answered Range bytes={offset}- with {first}")
+            mode = "ab"
+        else:  # 200: the server ignored Range (or none was sent); start over from byte 0
+            offset, mode = 0, "wb"
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        if source.size is not None and total is not None and total != source.size:
+            part.unlink(missing_ok=True)
+            raise ValueError(
+                f"{source.name}: size mismatch (expected {source.size} bytes, server has {total}) for {url}"
+            )
+        length = response.headers.get("Content-Length")
+        expected = int(length) if length and length.isdigit() else None
+        if bar.total is None and total is not None:
+            bar.total = total
+        bar.reset(total=bar.total)
+        bar.update(offset)
+        received = 0
+        with open(part, mode) as out:
+            try:
+                while chunk := response.read(CHUNK):
+                    out.write(chunk)
+                    received += len(chunk)
+                    bar.update(len(chunk))
+            except (OSError, http.client.HTTPException) as exc:
+                raise _Transient(f"connection dropped after {offset + received} bytes: {_reason(exc)}") from None
+            finally:
+                out.flush()
+                os.fsync(out.fileno())
+        if expected is not None and received < expected:
+            raise _Transient(f"connection closed after {received} of {expected} bytes")
+    return True
