@@ -62,3 +62,35 @@ def info() -> None:
     typer.echo(f"torch {torch.__version__}, CUDA available: {torch.cuda.is_available()}")
     typer.echo(f"mamba-ssm kernels: {mamba_ssm_available()}, causal-conv1d: {causal_conv1d_available()}, "
                f"numba CPU scan: {numba_available()}")
+
+
+@app.command()
+@one_line_errors
+def pack(
+    paths: list[Path] = typer.Argument(..., metavar="[SRC] DST", show_default=False,
+                                       help="PNG frame folder and LMDB folder; with --verify, only DST"),
+    verify: bool = typer.Option(False, "--verify", help="decode every frame of DST (after packing, if SRC given)"),
+    level: int = typer.Option(1, min=0, max=9, help="PNG compression level of the stored frames"),
+    workers: int = typer.Option(2, min=1, help="encoding processes"),
+    batch: int = typer.Option(500, min=1, help="frames per LMDB commit (the unit of resumption)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+) -> None:
+    """Pack PNG frames into a BasicSR-compatible LMDB (rerun to resume), or --verify one."""
+    from gsm.data.lmdb_io import pack_lmdb, verify_lmdb
+
+    if len(paths) > 2 or (len(paths) == 1 and not verify):
+        raise ValueError("usage: gsm pack SRC DST [--verify]  or  gsm pack --verify DST")
+    dst = paths[-1]
+    if len(paths) == 2:
+        s = pack_lmdb(paths[0], dst, level=level, workers=workers, batch=batch, progress=progress)
+        mb = s.value_bytes / 1e6
+        if s.status == "up-to-date":
+            typer.echo(f"{dst}: up to date ({s.frames} frames, {mb:.1f} MB, level {s.level}); nothing to do")
+        else:
+            rate = s.encoded / s.seconds if s.seconds > 0 else 0.0
+            typer.echo(f"{s.status} {dst}: {s.frames} frames ({s.encoded} encoded, {s.skipped} kept from an "
+                       f"earlier run), {mb:.1f} MB at level {s.level}, {s.seconds:.1f} s ({rate:.1f} frames/s)")
+    if verify:
+        v = verify_lmdb(dst, progress=progress)
+        typer.echo(f"verified {dst}: {v.frames} frames decode with their recorded shapes, "
+                   f"{v.value_bytes / 1e6:.1f} MB, {v.seconds:.1f} s")
