@@ -94,3 +94,63 @@ def pack(
         v = verify_lmdb(dst, progress=progress)
         typer.echo(f"verified {dst}: {v.frames} frames decode with their recorded shapes, "
                    f"{v.value_bytes / 1e6:.1f} MB, {v.seconds:.1f} s")
+
+
+def _load(params: Path) -> Any:
+    from gsm.params import load_params
+
+    return load_params(params)
+
+
+@app.command()
+@one_line_errors
+def prepare(
+    params: Path = typer.Option(Path("params.yaml"), help="params file: its `data` and `sources` sections"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+) -> None:
+    """Data stage: quickstart frames or the paper's datasets, degraded and packed; writes the manifest."""
+    from gsm.data.prepare import prepare_data
+
+    p = _load(params)
+    path = prepare_data(p.data, p.sources, progress=progress)
+    typer.echo(f"{p.data.profile} data ready: {path}")
+
+
+@app.command()
+@one_line_errors
+def download(
+    names: list[str] = typer.Argument(..., help="source names from params.yaml `sources` (e.g. reds_val_sharp)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file: its `sources` and `data` sections"),
+    dest: Path | None = typer.Option(None, help="download folder (default: <data.root>/downloads)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+) -> None:
+    """Fetch archives (resumable, verified, idempotent)."""
+    from gsm.data.download import fetch
+
+    p = _load(params)
+    unknown = [n for n in names if n not in p.sources]
+    if unknown:
+        raise ValueError(f"unknown source {unknown[0]!r} (known: {', '.join(p.sources)})")
+    folder = dest or Path(p.data.root) / "downloads"
+    for name in names:
+        path = fetch(p.sources[name], folder, retries=p.data.download_retries, progress=progress)
+        typer.echo(f"{name}: {path}")
+
+
+@app.command()
+@one_line_errors
+def degrade(
+    gt: Path = typer.Argument(..., help="GT frame tree (clip/frame.png)"),
+    lr: Path = typer.Argument(..., help="LR output tree"),
+    mode: str = typer.Option("BI", help="BI (MATLAB bicubic) or BD (Gaussian blur sigma 1.6 + subsample)"),
+    scale: int = typer.Option(4, min=2),
+    workers: int = typer.Option(2, min=1),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+) -> None:
+    """Write LR frames for a GT tree (parallel, resumable: finished clips are skipped)."""
+    from gsm.data.degrade import degrade_tree
+
+    if mode not in ("BI", "BD"):
+        raise ValueError(f"--mode must be BI or BD, got {mode!r}")
+    s = degrade_tree(gt, lr, mode=mode, scale=scale, workers=workers, progress=progress)  # type: ignore[arg-type]
+    typer.echo(f"{lr}: {s.clips_done} clips degraded ({s.frames_written} frames), {s.clips_skipped} already done")

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from gsm.data.prepare import DataConfig
+from gsm.data.sources import DEFAULT_SOURCES, Source, sources_from_dict
 from gsm.models.config import GSMConfig
 
 
 @dataclass(frozen=True)
 class Params:
     model: GSMConfig = field(default_factory=GSMConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    sources: dict[str, Source] = field(default_factory=lambda: dict(DEFAULT_SOURCES))
 
 
-_SECTIONS = {"model": GSMConfig}
+_SECTIONS: dict[str, Callable[[Any, str], Any]] = {
+    "model": GSMConfig.from_dict,
+    "data": DataConfig.from_dict,
+    "sources": sources_from_dict,
+}
 
 
 def parse_params(raw: dict[str, Any]) -> Params:
@@ -30,7 +39,7 @@ def parse_params(raw: dict[str, Any]) -> Params:
         if not isinstance(value, dict):
             raise ValueError(f"params: {key} must be a mapping")
         try:
-            sections[key] = _SECTIONS[key].from_dict(value, where=key)
+            sections[key] = _SECTIONS[key](value, key)
         except TypeError as exc:  # e.g. wrong argument shapes from YAML
             raise ValueError(f"params: {key}: {exc}") from None
     return Params(**sections)

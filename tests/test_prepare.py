@@ -1,0 +1,123 @@
+"""The data stage end to end: the paper profile from archives served on loopback, then the catalog."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from http_server import LoopbackServer, http_server  # noqa: F401 - fixture
+
+from gsm.data.catalog import eval_sets, train_dataset
+from gsm.data.datasets import REDS4_CLIPS, VID4_CLIPS
+from gsm.data.prepare import DataConfig, prepare_data, read_manifest
+from gsm.data.sources import sources_from_dict
+from gsm.params import parse_params
+
+
+def _png(rng: np.random.Generator, h: int, w: int) -> bytes:
+    ok, buf = cv2.imencode(".png", rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+    assert ok
+    return buf.tobytes()
+
+
+def _zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+def _archives() -> dict[str, bytes]:
+    """Official layouts at toy sizes: REDS 240 + 30 clips of 2 frames, 3 Vimeo septuplets, Vid4 GT."""
+    rng = np.random.default_rng(0)
+    files = {}
+    for split, n in (("train", 240), ("val", 30)):
+        gt = {f"{split}/{split}_sharp/{c:03d}/{f:08d}.png": _png(rng, 16, 16) for c in range(n) for f in range(2)}
+        lr = {f"{split}/{split}_sharp_bicubic/X4/{c:03d}/{f:08d}.png": _png(rng, 4, 4) for c in range(n) for f in range(2)}
+        files[f"{split}_sharp.zip"] = _zip(gt)
+        files[f"{split}_sharp_bicubic.zip"] = _zip(lr)
+    seqs = ["00001/0001", "00001/0002", "00002/0001"]
+    vimeo = {f"vimeo_septuplet/sequences/{s}/im{i}.png": _png(rng, 16, 24) for s in seqs for i in range(1, 8)}
+    vimeo["vimeo_septuplet/sep_trainlist.txt"] = b"00001/0001\n00001/0002\n"
+    vimeo["vimeo_septuplet/sep_testlist.txt"] = b"00002/0001\n"
+    files["vimeo_septuplet.zip"] = _zip(vimeo)
+    files["Vid4.zip"] = _zip({f"Vid4/GT/{c}/{f:04d}.png": _png(rng, 16, 20) for c in VID4_CLIPS for f in range(3)})
+    return files
+
+
+def test_paper_profile_from_archives(http_server: LoopbackServer, tmp_path: Path) -> None:  # noqa: F811
+    http_server.files.update(_archives())
+    names = {
+        "reds_train_sharp": "/train_sharp.zip", "reds_train_sharp_bicubic": "/train_sharp_bicubic.zip",
+        "reds_val_sharp": "/val_sharp.zip", "reds_val_sharp_bicubic": "/val_sharp_bicubic.zip",
+        "vimeo_septuplet": "/vimeo_septuplet.zip", "vid4_gt": "/Vid4.zip",
+    }  # fmt: skip
+    sources = sources_from_dict({k: {"url": http_server.url(v)} for k, v in names.items()})
+    cfg = DataConfig(profile="paper", root=str(tmp_path / "data"), workers=1)
+    path = prepare_data(cfg, sources, progress=False)
+    m = read_manifest(cfg)
+    assert path == tmp_path / "data" / "paper" / "manifest.json"
+
+    # REDS: val merged as 240-269, REDS4 held out of training.
+    assert len(m["reds"]["train"]) == 266 and m["reds"]["test"] == list(REDS4_CLIPS)
+    assert "269" in m["reds"]["train"] and not set(REDS4_CLIPS) & set(m["reds"]["train"])
+    assert m["reds"]["frames_per_clip"]["269"] == 2
+    assert (Path(m["reds"]["gt_lmdb"]) / "meta_info.txt").read_text().count("\n") == 540
+    # Vimeo: BI LR degraded here from the sequences; lists from the archive.
+    assert m["vimeo"]["train"] == ["00001/0001", "00001/0002"] and m["vimeo"]["test"] == ["00002/0001"]
+    assert cv2.imread(str(Path(m["vimeo"]["lr_folder"]) / "00002/0001/im4.png")).shape == (4, 6, 3)
+    # Vid4: GT found below the archive's nesting, BI and BD degraded here.
+    for key in ("bi_folder", "bd_folder"):
+        assert sorted(p.name for p in Path(m["vid4"][key]).iterdir() if p.is_dir()) == sorted(VID4_CLIPS)
+
+    reds = train_dataset(m, "reds", num_frames=2, gt_size=16, seed=1)
+    lq, gt = reds[0]["lq"], reds[0]["gt"]
+    assert tuple(lq.shape) == (2, 3, 4, 4) and tuple(gt.shape) == (2, 3, 16, 16)
+    vimeo = train_dataset(m, "vimeo", num_frames=7, gt_size=16, mirror=True)
+    assert vimeo[0]["lq"].shape[0] == 14
+    tests = {t.name: t for kind in ("reds", "vimeo", "vid4") for t in eval_sets(m, kind)}
+    assert set(tests) == {"REDS4", "Vimeo-90K-T", "Vid4-BI", "Vid4-BD"}
+    assert tests["REDS4"].dataset.names == list(REDS4_CLIPS)
+    assert tests["Vimeo-90K-T"].dataset.center_index == 3
+    assert tests["Vid4-BD"].dataset[0]["lq"].shape[-2:] == (4, 5)
+
+    # A rerun is idempotent: nothing is requested again and the manifest is the same.
+    before = len(http_server.requests)
+    prepare_data(cfg, sources, progress=False)
+    assert len(http_server.requests) == before
+    assert read_manifest(cfg) == m
+
+
+def test_missing_vid4_mirror_is_one_line_error(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"sources\.vid4_gt\.url"):
+        from gsm.data.prepare import _vid4
+
+        _vid4(sources_from_dict(None), DataConfig(profile="paper", root=str(tmp_path)), progress=False)
+    assert not any(tmp_path.iterdir())
+
+
+def test_params_sections_name_bad_keys() -> None:
+    p = parse_params({"data": {"profile": "quickstart", "quickstart": {"reds_gap": 3}}})
+    assert p.data.quickstart.reds_gap == 3 and p.sources["vimeo_septuplet"].url
+    for raw, where in (
+        ({"data": {"profile": "full"}}, "data.profile"),
+        ({"data": {"quickstart": {"nope": 1}}}, "data.quickstart.nope"),
+        ({"data": {"png_level": 12}}, "data.png_level"),
+        ({"sources": {"vid4_gt": {"sha256": "xyz"}}}, "sources.vid4_gt.sha256"),
+    ):
+        with pytest.raises(ValueError, match=where.replace(".", r"\.")):
+            parse_params(raw)
+
+
+def test_manifest_missing_names_the_stage(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="gsm prepare"):
+        read_manifest(DataConfig(root=str(tmp_path)))
+    (tmp_path / "quickstart").mkdir()
+    (tmp_path / "quickstart" / "manifest.json").write_text("{")
+    with pytest.raises(ValueError, match="corrupt manifest"):
+        read_manifest(DataConfig(root=str(tmp_path)))
