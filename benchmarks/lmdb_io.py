@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gsm.data.images import FolderStore, FrameStore, write_png  # noqa: E402
+from gsm.io import cpu_name  # noqa: E402
 from gsm.data.lmdb_io import LmdbStore, pack_lmdb  # noqa: E402
 
 SRC_LEVEL = 3  # OpenCV's default PNG compression: how frame folders are usually written
@@ -127,22 +128,12 @@ def _fetch_us(folder: Path, db: Path, keys: list[str], reads: int) -> dict[str, 
     return {"lmdb": round((t1 - t0) / reads * 1e6, 1), "png_folder": round((t2 - t1) / reads * 1e6, 1)}
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run(out: Path, repeats: int, read_rounds: int) -> dict:
     load0 = round(os.getloadavg()[0], 2)
     results: dict = {
         "command": " ".join([os.path.relpath(sys.executable) if sys.executable.startswith(os.getcwd())
                              else Path(sys.executable).name, *sys.argv]),
-        "machine": {"cpu": _cpu_model(), "cpus_available": len(os.sched_getaffinity(0)),
+        "machine": {"cpu": cpu_name(), "cpus_available": len(os.sched_getaffinity(0)),
                     "python": platform.python_version(), "opencv": cv2.__version__,
                     "lmdb": f"py-lmdb {lmdb.__version__}, LMDB {'.'.join(map(str, lmdb.version()))}"},
         "settings": {"source_png_level": SRC_LEVEL, "lmdb_png_level": 1, "crop": CROP, "pack_repeats": repeats,

@@ -31,6 +31,7 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere, without installi
 
 import torch  # noqa: E402
 
+from gsm.io import cpu_name  # noqa: E402
 from gsm.ops.scan import selective_scan, selective_scan_reference  # noqa: E402
 
 BATCH, DIM, N_STATE = 1, 384, 16
@@ -120,23 +121,13 @@ def max_rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (diff / expected.double().abs().max()).item()
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def environment(command: str) -> dict[str, Any]:
     import numba
 
     return {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "cpu_model": cpu_model(),
+        "cpu_model": cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "numba": numba.__version__,

@@ -22,8 +22,8 @@ import torch
 from torch.utils.data import Dataset
 
 from gsm.data.images import FrameStore
+from gsm.data.reds import REDS4 as REDS4_CLIPS
 
-REDS4_CLIPS: tuple[str, ...] = ("000", "011", "015", "020")
 VID4_CLIPS: tuple[str, ...] = ("calendar", "city", "foliage", "walk")
 VIMEO_FRAMES = 7
 VIMEO_CENTER_INDEX = 3  # im4: Vimeo-90K-T is scored on the centre frame only

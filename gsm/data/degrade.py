@@ -19,7 +19,6 @@ import functools
 import math
 import multiprocessing
 import os
-import tempfile
 from collections import Counter
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gsm.data.images import read_image, write_png
+from gsm.io import atomic_write_text
 
 Mode = Literal["BI", "BD"]
 
@@ -246,17 +246,6 @@ def _is_complete(marker: Path, expected: str) -> bool:
         return False
 
 
-def _write_marker(marker: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f"{marker.name}.", suffix=".tmp", dir=marker.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.replace(tmp, marker)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _validate_clip(gt_root: Path, clip: Path, frames: list[Path], scale: int) -> None:
     sizes = {f: _frame_size(gt_root / f) for f in frames}
     common, _ = Counter(sizes.values()).most_common(1)[0]
@@ -349,7 +338,7 @@ def degrade_tree(
         bar.update(1)
         remaining[clip] -= 1
         if remaining[clip] == 0:
-            _write_marker(lr_root / clip / MARKER, _marker_text(mode, scale, len(todo[clip])))
+            atomic_write_text(lr_root / clip / MARKER, _marker_text(mode, scale, len(todo[clip])))
 
     try:
         if workers == 1 or len(tasks) <= 1:

@@ -23,7 +23,6 @@ import re
 import signal
 import struct
 import sys
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -38,6 +37,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gsm.data.images import decode_png, encode_png
+from gsm.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -241,19 +241,6 @@ def _encoded(todo: list[_Source], level: int, workers: int) -> Iterator[tuple[st
 # ------------------------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _meta_line(key: str, shape: Shape, level: int) -> str:
     return f"{key}.png ({shape[0]},{shape[1]},{shape[2]}) {level}"
 
@@ -404,7 +391,7 @@ def pack_lmdb(
         old_sizes: dict[str, int] = (old_state or {}).get("sizes", {})
         new_state = json.dumps({"src": str(src.resolve()), "level": level, "frames": n, "sizes": plan.sizes})
         if old_state is None:  # before the database exists, so a half-made dst is always recognisable
-            _atomic_write(dst / STATE, new_state)
+            atomic_write_text(dst / STATE, new_state)
         (dst / META_INFO).unlink(missing_ok=True)  # only a finished pack has one
 
         src_bytes = sum(s.size for s in plan.sources)
@@ -424,7 +411,7 @@ def pack_lmdb(
             log.info("%s: %d frames, %d kept from an earlier run, %d stale", dst, n, skipped, len(stale))
             grows = _write_batch(env, [], stale) if stale else 0
             if old_state is not None:  # only now: every committed value matches the sizes it records
-                _atomic_write(dst / STATE, new_state)
+                atomic_write_text(dst / STATE, new_state)
 
             pending: list[tuple[bytes, bytes]] = []
             pending_bytes = 0
@@ -463,8 +450,8 @@ def pack_lmdb(
 
         value_bytes = sum(nbytes.values())
         keys = [s.key for s in plan.sources]
-        _atomic_write(dst / META_INFO, "".join(_meta_line(k, shapes[k], level) + "\n" for k in keys))
-        _atomic_write(dst / COMPLETE, json.dumps({"level": level, "frames": n, "value_bytes": value_bytes,
+        atomic_write_text(dst / META_INFO, "".join(_meta_line(k, shapes[k], level) + "\n" for k in keys))
+        atomic_write_text(dst / COMPLETE, json.dumps({"level": level, "frames": n, "value_bytes": value_bytes,
                                                   "map_size": final_map, "sizes": plan.sizes}))
         (dst / STATE).unlink(missing_ok=True)
         status = "resumed" if skipped or old_state is not None else "packed"

@@ -31,9 +31,7 @@ import importlib.util
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -46,6 +44,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gsm.data.images import write_png
+from gsm.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -200,15 +199,6 @@ def _centre_crop(img: np.ndarray, crop_hw: tuple[int, int] | None) -> np.ndarray
 # --- building -------------------------------------------------------------------------------------
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomic, like the frames: a marker or list is never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
-
-
 class _Writer:
     """PNG writes on `workers` threads (OpenCV encodes without the GIL), at most 2 per thread queued
     so decoded 1280x720 frames never pile up in memory."""
@@ -269,10 +259,10 @@ def _build_part(
         shutil.rmtree(gt, ignore_errors=True)  # stale frames from other parameters must not survive
         shutil.rmtree(lr, ignore_errors=True)
         write_gt(gt)
-        _write_text(root / ".gt_complete", marker)
+        atomic_write_text(root / ".gt_complete", marker)
     _degrade(gt, lr, workers, progress)
     write_lists()
-    _write_text(root / ".complete", marker)
+    atomic_write_text(root / ".complete", marker)
     return False, sum(1 for _ in gt.rglob("*.png"))
 
 
@@ -319,7 +309,7 @@ def build_reds_like(
             "source_frames": {c: [r.start, r.stop - 1] for c, r in ranges.items()},
             "params": params,
         }
-        _write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
 
     skipped, count = _build_part(root, params, write_gt, write_lists, workers, progress)
     return QuickstartPart(root, root / "GT", root / "BIx4", tuple(train_names), tuple(test_names), count, skipped)
@@ -368,15 +358,15 @@ def build_vimeo_like(
                         out.put(gt / seq / f"{k + 1:04d}" / f"im{im}.png", img[y : y + ch, x : x + cw])
 
     def write_lists() -> None:
-        _write_text(root / "sep_trainlist.txt", "".join(f"{s}\n" for s in train_names))
-        _write_text(root / "sep_testlist.txt", "".join(f"{s}\n" for s in test_names))
+        atomic_write_text(root / "sep_trainlist.txt", "".join(f"{s}\n" for s in train_names))
+        atomic_write_text(root / "sep_testlist.txt", "".join(f"{s}\n" for s in test_names))
         meta = {
             "source": VIMEO_SOURCE.name,
             "crop_corners": {seq: list(c) for seq, c in zip(seqs, corners)},
             "source_start_frame": {f"{k + 1:04d}": s for k, s in enumerate(starts)},
             "params": params,
         }
-        _write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
+        atomic_write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
 
     skipped, count = _build_part(root, params, write_gt, write_lists, workers, progress)
     return QuickstartPart(root, root / "GT", root / "BIx4", tuple(train_names), tuple(test_names), count, skipped)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from gsm.io import atomic_write_json, atomic_write_text
+from gsm.io import atomic_write_json, atomic_write_text, cpu_name
 from gsm.models.config import GSMConfig
 from gsm.models.flops import count_macs
 from gsm.models.gsmamba import GSMamba
@@ -74,7 +74,7 @@ def model_report(small: GSMConfig, out_dir: str | Path) -> dict[str, Any]:
             "cpu_threads": torch.get_num_threads(),
             **timing,
         },
-        "machine": {"cpu": _cpu_name(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "torch": torch.__version__, "python": platform.python_version()},
     }
     atomic_write_json(out_dir / "model.json", result)
     atomic_write_text(out_dir / "model.md", _markdown(result))
@@ -115,13 +115,4 @@ def _markdown(r: dict[str, Any]) -> str:
     ]
     return "\n".join(lines)
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
