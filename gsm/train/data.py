@@ -1,0 +1,72 @@
+"""The training data stream: a seeded, resumable epoch order, and the stage datasets' builders.
+
+Global batch k of epoch e is items perm_e[k*B:(k+1)*B], with perm_e a permutation drawn from
+(seed, e); process r of N takes its contiguous B/N share. So the set of clips in each iteration
+does not depend on the number of processes, and a run resumes at (epoch, batch) exactly. The
+datasets draw crops and flips from (seed, epoch, index), so worker counts never change samples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+from torch.utils.data import Sampler
+
+from gsm.data.datasets import RecurrentClipDataset, SeptupletDataset
+from gsm.data.images import FrameStore
+from gsm.train.config import StageConfig
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
+    """The permutation of n items used in `epoch`."""
+    return np.random.default_rng([seed, epoch, 0x5EED]).permutation(n)
+
+
+def batches_per_epoch(n: int, batch_size: int) -> int:
+    """Whole global batches per epoch (the remainder of the permutation is dropped)."""
+    return n // batch_size
+
+
+class EpochSampler(Sampler[int]):
+    """Indices this process loads in one epoch, from global batch `start` on."""
+
+    def __init__(self, n: int, batch_size: int, *, seed: int, epoch: int, start: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size % world_size:
+            raise ValueError(f"batch_size {batch_size} is not divisible by the {world_size} processes")
+        if batches_per_epoch(n, batch_size) < 1:
+            raise ValueError(f"the training set has {n} items, fewer than one batch of {batch_size}")
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, epoch
+        self.start, self.rank, self.world_size = start, rank, world_size
+
+    def __iter__(self) -> Iterator[int]:
+        order = epoch_order(self.n, self.seed, self.epoch)
+        share = self.batch_size // self.world_size
+        for k in range(self.start, batches_per_epoch(self.n, self.batch_size)):
+            first = k * self.batch_size + self.rank * share
+            yield from (int(i) for i in order[first:first + share])
+
+    def __len__(self) -> int:
+        remaining = max(0, batches_per_epoch(self.n, self.batch_size) - self.start)
+        return remaining * (self.batch_size // self.world_size)
+
+
+def reds_train_set(cfg: StageConfig, gt_store: FrameStore, lr_store: FrameStore, clips: Sequence[str], *,
+                   frames_per_clip: int | Mapping[str, int] = 100, seed: int = 0,
+                   key_format: str = "{clip}/{frame:08d}", repeat: int = 1) -> RecurrentClipDataset:
+    """REDS-style training clips with the stage's frames, patch, intervals and reversal."""
+    return RecurrentClipDataset(
+        gt_store, lr_store, clips, frames_per_clip=frames_per_clip, num_frames=cfg.num_frames,
+        interval_list=cfg.interval_list, random_reverse=cfg.random_reverse, gt_size=cfg.gt_size,
+        augment=True, seed=seed, key_format=key_format, repeat=repeat,
+    )
+
+
+def vimeo_train_set(cfg: StageConfig, gt_store: FrameStore, lr_store: FrameStore, sequences: Sequence[str], *,
+                    seed: int = 0, key_format: str = "{seq}/im{frame}", repeat: int = 1) -> SeptupletDataset:
+    """Vimeo septuplets, not mirrored here: the trainer mirrors batches when cfg.mirror."""
+    return SeptupletDataset(
+        gt_store, lr_store, sequences, mirror=False, gt_size=cfg.gt_size, augment=True, seed=seed,
+        key_format=key_format, num_frames=cfg.num_frames, repeat=repeat,
+    )
