@@ -1,0 +1,134 @@
+"""Report files from hand-made results: metrics.json keys and values, per-clip CSV rows, the benchmark
+table beside the papers' numbers, training curves from metrics.jsonl, and non-empty PNGs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gsm.eval.protocols import ClipResult, Showcase, TestResult
+from gsm.eval.report import choose_crop, read_train_log, slug, write_reports
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _result(
+    name: str, protocol: str, clips: list[tuple[str, list[float], list[float]]], showcase: bool = True
+) -> TestResult:
+    """Clip scores given as (clip, our PSNRs, bicubic PSNRs); SSIM = PSNR / 40 for simplicity."""
+    rows = tuple(
+        ClipResult(c, tuple(f"{i:08d}" for i in range(len(p))), tuple(p), tuple(v / 40 for v in p),
+                   tuple(b), tuple(v / 40 for v in b))  # fmt: skip
+        for c, p, b in clips
+    )
+    show = None
+    if showcase:
+        rng = np.random.default_rng(0)
+        gt = rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)
+        show = Showcase(clips[0][0], "00000000", gt // 2, gt, gt, 30.0, 25.0)
+    return TestResult(name, protocol, protocol != "reds4", 0, rows, 1.5, show)
+
+
+@pytest.fixture()
+def results() -> dict[str, TestResult]:
+    return {
+        "REDS4": _result("REDS4", "reds4", [("000", [30.0, 32.0], [26.0, 26.0]), ("011", [28.0], [25.0])]),
+        "quickstart-Vimeo": _result("quickstart-Vimeo", "vimeo", [("00001/0001", [35.0], [31.0])], showcase=False),
+    }
+
+
+def _logs(tmp_path: Path) -> list[Path]:
+    run = tmp_path / "run1"
+    run.mkdir()
+    lines = [{"stage": "reds", "iter": i, "loss": 0.1 / i, "lr": 2e-4, "time": 0.5 * i} for i in range(1, 6)]
+    lines.insert(3, {"stage": "reds", "iter": 3, "val_psnr": 27.5, "val_ssim": 0.8})
+    lines.append({"stage": "reds", "iter": 5, "val_psnr": 28.0, "val_ssim": 0.81})
+    # enough noisy points to take the moving-average path
+    lines += [{"stage": "vimeo", "iter": i, "loss": 0.02 + 0.01 * (i % 3), "lr": 1e-4} for i in range(1, 151)]
+    path = run / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    return [path]
+
+
+def test_write_reports_files_and_numbers(tmp_path: Path, results: dict[str, TestResult]) -> None:
+    out = tmp_path / "reports"
+    written = write_reports(results, out, model_info={"params": 1_234_567, "checkpoint": "ema.pt"},
+                            train_logs=_logs(tmp_path), crop_size=16)  # fmt: skip
+    files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert files == [
+        "benchmark.md", "metrics.json", "per_clip.csv",
+        "plots/crops_reds4.png", "plots/per_clip_quickstart-vimeo.png", "plots/per_clip_reds4.png",
+        "plots/train_loss.png", "plots/val_psnr.png",
+    ]  # fmt: skip — no temporaries left behind, and no crops for a result without a showcase
+    assert set(written) == {"metrics", "per_clip", "benchmark", "train_loss", "val_psnr", "per_clip_REDS4",
+                            "per_clip_quickstart-Vimeo", "crops_REDS4"}  # fmt: skip
+    for p in (out / "plots").iterdir():
+        data = p.read_bytes()
+        assert data.startswith(PNG) and len(data) > 2000, p
+
+    m = json.loads((out / "metrics.json").read_text())
+    reds = m["test_sets"]["REDS4"]
+    assert reds["psnr"] == pytest.approx((31.0 + 28.0) / 2)  # mean of clip means, not of frames (30.0)
+    assert reds["bicubic_psnr"] == pytest.approx(25.5)
+    assert reds["psnr_gain"] == pytest.approx(4.0)
+    assert reds["ssim"] == pytest.approx(29.5 / 40) and reds["ssim_gain"] == pytest.approx(4.0 / 40)
+    assert (reds["clips"], reds["frames"], reds["seconds"]) == (2, 3, 1.5)
+    assert m["test_sets"]["quickstart-Vimeo"]["psnr_gain"] == pytest.approx(4.0)
+    assert m["model"] == {"params": 1_234_567, "checkpoint": "ema.pt"}
+
+    rows = list(csv.DictReader((out / "per_clip.csv").open()))
+    assert [(r["test_set"], r["clip"], r["frames"]) for r in rows] == [
+        ("REDS4", "000", "2"), ("REDS4", "011", "1"), ("quickstart-Vimeo", "00001/0001", "1")]  # fmt: skip
+    assert float(rows[0]["psnr"]) == 31.0 and float(rows[0]["bicubic_psnr"]) == 26.0
+    assert float(rows[1]["ssim"]) == pytest.approx(0.7, abs=1e-6)
+
+    md = (out / "benchmark.md").read_text()
+    assert "| REDS4 | reds4 | RGB (border 0) | 2 | 3 | 29.50 / 0.7375 | 25.50 / 0.6375 | +4.00 | 1.5 |" in md
+    assert "| GSM-VSR (ours, this run) | 29.50 / 0.7375 | not run | not run | 1.23M |" in md
+    assert "| Bicubic (this run) | 25.50 / 0.6375 | not run | not run | - |" in md
+    assert "| IART | 32.90 / 0.9138 | 38.14 / 0.9528 | 28.26 / 0.8517 | ~13.4M |" in md
+    assert "| GSM (paper) | see paper | 38.25 / 0.9534 | see paper | 10.5M |" in md
+    assert "![crops_reds4](plots/crops_reds4.png)" in md
+
+
+def test_non_finite_scores_become_null(tmp_path: Path) -> None:
+    perfect = _result("Vid4-BI", "vid4", [("calendar", [math.inf], [20.0])], showcase=False)
+    no_bicubic = TestResult("x", "vid4", True, 0, (ClipResult("walk", ("0",), (30.0,), (0.9,)),), 0.1)
+    write_reports({"Vid4-BI": perfect, "x": no_bicubic}, tmp_path, model_info={}, crop_size=None)
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["test_sets"]["Vid4-BI"]["psnr"] is None and m["test_sets"]["Vid4-BI"]["psnr_gain"] is None
+    assert m["test_sets"]["x"]["bicubic_psnr"] is None and m["test_sets"]["x"]["psnr"] == 30.0
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "| x | vid4 | Y (border 0) | 1 | 1 | 30.00 / 0.9000 | n/a | n/a |" in md
+    assert not (tmp_path / "plots" / "train_loss.png").exists()
+
+
+def test_training_log_errors(tmp_path: Path, results: dict[str, TestResult]) -> None:
+    bad = tmp_path / "metrics.jsonl"
+    bad.write_text('{"stage": "reds", "iter": 1, "loss": 0.1}\n{"stage": oops}\n')
+    with pytest.raises(ValueError, match=r"metrics\.jsonl:2: not a JSON object"):
+        read_train_log(bad)
+    with pytest.raises(FileNotFoundError, match="training log not found"):
+        write_reports(results, tmp_path / "r", model_info={}, train_logs=[tmp_path / "missing.jsonl"])
+    with pytest.raises(ValueError, match="no test results"):
+        write_reports({}, tmp_path / "r", model_info={})
+
+
+def test_choose_crop_finds_the_largest_difference() -> None:
+    a = np.zeros((30, 40, 3), np.uint8)
+    b = a.copy()
+    assert choose_crop(a, b, 10) == (10, 15)  # no difference: the centre
+    b[20:24, 5:9] = 50  # a 4 x 4 hot spot: the first 10 x 10 window covering it wholly
+    assert choose_crop(a, b, 10) == (14, 0)
+    assert choose_crop(a, b, 100) == (0, 0)  # capped at the frame
+    b[0, 39] = 255  # a stronger single pixel elsewhere does not outweigh 16 x 3 x 50
+    assert choose_crop(a, b, 10) == (14, 0)
+
+
+def test_slug() -> None:
+    assert slug("Vimeo-90K-T") == "vimeo-90k-t" and slug("Vid4 BI/x") == "vid4-bi-x" and slug("??") == "set"
