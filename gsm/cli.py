@@ -154,3 +154,40 @@ def degrade(
         raise ValueError(f"--mode must be BI or BD, got {mode!r}")
     s = degrade_tree(gt, lr, mode=mode, scale=scale, workers=workers, progress=progress)  # type: ignore[arg-type]
     typer.echo(f"{lr}: {s.clips_done} clips degraded ({s.frames_written} frames), {s.clips_skipped} already done")
+
+
+@app.command()
+@one_line_errors
+def train(
+    stage: str = typer.Option(..., help="reds (pretraining) or vimeo (finetuning from reds)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file: `model`, `data`, `train`, `eval`"),
+    runs: Path = typer.Option(Path("runs"), help="runs folder: <runs>/<stage>/checkpoints, metrics.jsonl"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
+) -> None:
+    """Train one stage (resumes from its last checkpoint; a finished stage returns at once)."""
+    from gsm import stages
+
+    if stage not in ("reds", "vimeo"):
+        raise ValueError(f"--stage must be reds or vimeo, got {stage!r}")
+    r = stages.train(_load(params), stage, runs, progress=progress, tracking_uri=tracking_uri)  # type: ignore[arg-type]
+    loss = "n/a" if r.final_loss is None else f"{r.final_loss:.5f}"
+    typer.echo(f"{stage}: {r.iterations} iterations (resumed at {r.resumed_from}), last loss {loss}; {r.last}")
+
+
+@app.command()
+@one_line_errors
+def evaluate(
+    params: Path = typer.Option(Path("params.yaml"), help="params file: `data` and `eval` sections"),
+    model: Path | None = typer.Option(None, "--model", help="checkpoint (default: the last trained stage's last.pt)"),
+    runs: Path = typer.Option(Path("runs"), help="runs folder (checkpoints and training logs for the plots)"),
+    out: Path = typer.Option(Path("reports"), help="folder for metrics.json, per_clip.csv, benchmark.md, plots/"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+) -> None:
+    """Benchmarks (REDS4, Vimeo-90K-T, Vid4, or the quickstart's) with the bicubic baseline; reports."""
+    from gsm import stages
+
+    results = stages.evaluate(_load(params), model, runs, out, progress=progress)
+    for name, r in results.items():
+        typer.echo(f"{name}: {r.psnr:.2f} dB / {r.ssim:.4f} (bicubic {r.bicubic_psnr:.2f} dB / {r.bicubic_ssim:.4f})")
+    typer.echo(f"wrote {out / 'metrics.json'}, {out / 'benchmark.md'}")

@@ -11,7 +11,9 @@ import yaml
 
 from gsm.data.prepare import DataConfig
 from gsm.data.sources import DEFAULT_SOURCES, Source, sources_from_dict
+from gsm.eval.config import EvalConfig
 from gsm.models.config import GSMConfig
+from gsm.train.config import TrainConfig
 
 
 @dataclass(frozen=True)
@@ -19,12 +21,16 @@ class Params:
     model: GSMConfig = field(default_factory=GSMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sources: dict[str, Source] = field(default_factory=lambda: dict(DEFAULT_SOURCES))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 _SECTIONS: dict[str, Callable[[Any, str], Any]] = {
     "model": GSMConfig.from_dict,
     "data": DataConfig.from_dict,
     "sources": sources_from_dict,
+    "train": TrainConfig.from_dict,
+    "eval": EvalConfig.from_dict,
 }
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from http_server import LoopbackServer, http_server  # noqa: F401 - fixture
 
-from gsm.data.catalog import eval_sets, train_dataset
+from gsm.data.catalog import eval_sets, train_stores
 from gsm.data.datasets import REDS4_CLIPS, VID4_CLIPS
 from gsm.data.prepare import DataConfig, prepare_data, read_manifest
 from gsm.data.sources import sources_from_dict
@@ -75,11 +75,11 @@ def test_paper_profile_from_archives(http_server: LoopbackServer, tmp_path: Path
     for key in ("bi_folder", "bd_folder"):
         assert sorted(p.name for p in Path(m["vid4"][key]).iterdir() if p.is_dir()) == sorted(VID4_CLIPS)
 
-    reds = train_dataset(m, "reds", num_frames=2, gt_size=16, seed=1)
-    lq, gt = reds[0]["lq"], reds[0]["gt"]
-    assert tuple(lq.shape) == (2, 3, 4, 4) and tuple(gt.shape) == (2, 3, 16, 16)
-    vimeo = train_dataset(m, "vimeo", num_frames=7, gt_size=16, mirror=True)
-    assert vimeo[0]["lq"].shape[0] == 14
+    gt_store, lr_store, entry = train_stores(m, "reds")
+    key = f"{entry['train'][-1]}/00000001"
+    assert gt_store.get(key).shape == (16, 16, 3) and lr_store.get(key).shape == (4, 4, 3)
+    gt_store, lr_store, entry = train_stores(m, "vimeo")
+    assert lr_store.get("00001/0002/im7").shape == (4, 6, 3)
     tests = {t.name: t for kind in ("reds", "vimeo", "vid4") for t in eval_sets(m, kind)}
     assert set(tests) == {"REDS4", "Vimeo-90K-T", "Vid4-BI", "Vid4-BD"}
     assert tests["REDS4"].dataset.names == list(REDS4_CLIPS)

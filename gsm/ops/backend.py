@@ -81,3 +81,22 @@ def resolve_impl(requested: str, device: torch.device) -> str:
             raise RuntimeError("selective_scan: impl='numba' needs the numba package")
         return "numba"
     return requested
+
+
+def resolve_device(name: str | torch.device | None = "auto", where: str = "device") -> torch.device:
+    """A config's device string as a torch.device: "auto"/None picks CUDA when present.
+
+    Asking for CUDA on a machine without it is a one-line error naming `where` (the config key),
+    not a failure deep inside the first kernel launch.
+    """
+    if name is None or name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{where}: not a device, got {name!r} (auto, cpu, cuda or cuda:N)") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"{where}: must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{where} is {name} but CUDA is not available on this machine")
+    return dev
