@@ -191,3 +191,32 @@ def evaluate(
     for name, r in results.items():
         typer.echo(f"{name}: {r.psnr:.2f} dB / {r.ssim:.4f} (bicubic {r.bicubic_psnr:.2f} dB / {r.bicubic_ssim:.4f})")
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'benchmark.md'}")
+
+
+@app.command()
+@one_line_errors
+def upscale(
+    input: Path = typer.Argument(..., help="video file, folder of frames, or a single image"),
+    # str, not Path: a Path drops the trailing "/" that asks for a PNG folder.
+    output: str = typer.Argument(..., help="video (.mp4 .avi .mkv .mov .m4v) or PNG folder (other names, or ending in /)"),
+    model: Path = typer.Option(..., "--model", "-m", help="training checkpoint (runs/<stage>/checkpoints/last.pt)"),
+    chunk: int = typer.Option(32, min=1, help="frames the network sees at once (memory grows with it)"),
+    chunk_overlap: int = typer.Option(4, min=0, help="frames shared by consecutive chunks, cross-faded"),
+    tile: int | None = typer.Option(None, min=1, help="LR tile side in pixels (default: whole frames)"),
+    tile_overlap: int = typer.Option(16, min=0, help="LR pixels shared by neighbouring tiles"),
+    fps: float | None = typer.Option(None, help="output frame rate (default: the input's, 25 for frames)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing video or PNG folder"),
+    ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights when the checkpoint has them"),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA when available)"),
+    bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (CUDA only)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
+) -> None:
+    """Upscale a video or frame folder x4 with a trained checkpoint, streaming in overlapping chunks."""
+    from gsm.serve.upscale import upscale_from_checkpoint
+
+    s = upscale_from_checkpoint(model, input, output, use_ema=ema, chunk=chunk, chunk_overlap=chunk_overlap,
+                                tile=tile, tile_overlap=tile_overlap, fps=fps, overwrite=overwrite,
+                                device=device, bf16=bf16, progress=progress)  # fmt: skip
+    rate = f" at {s.fps:g} fps" if s.fps else ""
+    typer.echo(f"wrote {s.output}: {s.frames} frames {s.output_size[0]}x{s.output_size[1]}{rate} "
+               f"from {s.input_size[0]}x{s.input_size[1]}, {s.seconds:.1f} s ({s.frames_per_s:.2f} frames/s)")
