@@ -31,6 +31,9 @@ class StageConfig:
     num_frames: int = 16  # frames per clip as loaded (before mirroring)
     gt_size: int = 256  # GT patch side (LR patch = gt_size / 4)
     interval_list: tuple[int, ...] = (1,)
+    # Items per clip and epoch (BasicSR's dataset_enlarge_ratio): a small dataset otherwise ends an
+    # epoch every few iterations, and each epoch restarts the loader's worker processes.
+    repeat: int = 1
     random_reverse: bool = False
     mirror: bool = False  # clip -> clip + reversed clip (Vimeo: 7 -> 14 frames), done by the trainer
     lr: float = 2e-4
@@ -55,7 +58,7 @@ class StageConfig:
         def bad(name: str, why: str) -> ValueError:
             return ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
-        for name in ("iters", "batch_size", "num_frames", "gt_size", "ckpt_every", "val_every", "log_every"):
+        for name in ("iters", "batch_size", "num_frames", "gt_size", "repeat", "ckpt_every", "val_every", "log_every"):
             if getattr(self, name) < 1:
                 raise bad(name, "must be a positive integer")
         for name in ("fix_flow", "workers"):

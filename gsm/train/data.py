@@ -54,19 +54,19 @@ class EpochSampler(Sampler[int]):
 
 def reds_train_set(cfg: StageConfig, gt_store: FrameStore, lr_store: FrameStore, clips: Sequence[str], *,
                    frames_per_clip: int | Mapping[str, int] = 100, seed: int = 0,
-                   key_format: str = "{clip}/{frame:08d}", repeat: int = 1) -> RecurrentClipDataset:
+                   key_format: str = "{clip}/{frame:08d}") -> RecurrentClipDataset:
     """REDS-style training clips with the stage's frames, patch, intervals and reversal."""
     return RecurrentClipDataset(
         gt_store, lr_store, clips, frames_per_clip=frames_per_clip, num_frames=cfg.num_frames,
         interval_list=cfg.interval_list, random_reverse=cfg.random_reverse, gt_size=cfg.gt_size,
-        augment=True, seed=seed, key_format=key_format, repeat=repeat,
+        augment=True, seed=seed, key_format=key_format, repeat=cfg.repeat,
     )
 
 
 def vimeo_train_set(cfg: StageConfig, gt_store: FrameStore, lr_store: FrameStore, sequences: Sequence[str], *,
-                    seed: int = 0, key_format: str = "{seq}/im{frame}", repeat: int = 1) -> SeptupletDataset:
+                    seed: int = 0, key_format: str = "{seq}/im{frame}") -> SeptupletDataset:
     """Vimeo septuplets, not mirrored here: the trainer mirrors batches when cfg.mirror."""
     return SeptupletDataset(
         gt_store, lr_store, sequences, mirror=False, gt_size=cfg.gt_size, augment=True, seed=seed,
-        key_format=key_format, num_frames=cfg.num_frames, repeat=repeat,
+        key_format=key_format, num_frames=cfg.num_frames, repeat=cfg.repeat,
     )
