@@ -16,7 +16,7 @@ from gsm.data.degrade import (
     MARKER,
     DegradeSummary,
     bicubic_downsample,
-    bicubic_taps,
+    imresize_taps,
     blur_downsample,
     degrade_tree,
     gaussian_kernel,
@@ -143,7 +143,7 @@ def test_bi_weights_by_hand() -> None:
     side = [0.240966796875, 0.181884765625, 0.097412109375, 0.022705078125,
             -0.011962890625, -0.018310546875, -0.010986328125, -0.001708984375]  # fmt: skip
     expected = np.array(side[::-1] + side)
-    weights, indices = bicubic_taps(64, 4)
+    weights, indices = imresize_taps(64, 4)
     assert weights.shape == indices.shape == (16, 16)
     # Interior output j (0-based) is centred at input 4j + 1.5: taps 4j - 6 .. 4j + 9.
     assert np.array_equal(weights[8], expected)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from gsm.eval.bicubic import bicubic_upsample, upscale_taps
+from gsm.data.degrade import imresize_taps
+from gsm.eval.bicubic import bicubic_upsample
 from gsm.eval.metrics import gaussian_window, psnr, rgb_to_y, ssim
 
 
@@ -212,11 +213,11 @@ def test_bicubic_upsample_keeps_constants_and_ramps() -> None:
 
 
 def test_upscale_taps_shape_and_normalisation() -> None:
-    w, idx = upscale_taps(5, 4)
+    w, idx = imresize_taps(5, 4, enlarge=True)
     assert w.shape == idx.shape == (20, 4)  # zero-weight tap columns dropped: 4 taps when enlarging
     np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
     assert idx.min() == 0 and idx.max() == 4
     # output pixel 1 sits at input 0.625: taps at -1, 0, 1, 2 (1-based) mirror to 2, 1, 1, 2
     np.testing.assert_array_equal(idx[0], [1, 0, 0, 1])
     with pytest.raises(ValueError, match="scale must be a positive integer"):
-        upscale_taps(5, 0)
+        imresize_taps(5, 0, enlarge=True)

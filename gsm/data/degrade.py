@@ -52,7 +52,7 @@ def _crop_to_multiple(img: np.ndarray, scale: int) -> np.ndarray:
     return img[: h - h % scale, : w - w % scale]
 
 
-def _round_half_away(x: np.ndarray) -> np.ndarray:
+def round_half_away(x: np.ndarray) -> np.ndarray:
     """MATLAB's float -> uint8 cast: round half away from zero, then saturate.
 
     ``floor(x + 0.5)`` would misround 0.49999999999999994; ``x - floor(x)`` is exact.
@@ -62,7 +62,7 @@ def _round_half_away(x: np.ndarray) -> np.ndarray:
     return np.clip(r, 0, 255)
 
 
-def _apply_taps(x: np.ndarray, axis: int, weights: np.ndarray, indices: np.ndarray) -> np.ndarray:
+def apply_taps(x: np.ndarray, axis: int, weights: np.ndarray, indices: np.ndarray) -> np.ndarray:
     """out[i] = sum_p weights[i, p] * x[indices[i, p]] along ``axis``, accumulated tap by tap.
 
     A gather per tap rather than a dense matmul: a fixed summation order makes results
@@ -92,22 +92,28 @@ def _cubic(x: np.ndarray) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def bicubic_taps(in_len: int, scale: int) -> tuple[np.ndarray, np.ndarray]:
+def imresize_taps(in_len: int, scale: int, enlarge: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Weights and 0-based input indices (out_len x taps) of MATLAB's ``contributions()``.
 
-    Downscaling by ``scale`` stretches the kernel (antialiasing): h(x) = s * cubic(s * x) with
-    s = 1/scale, support 4*scale. Output pixel u (1-based) sits at input coordinate
-    u/s + (1 - 1/s)/2; out-of-range taps mirror (``[1..n, n..1]`` periodic); rows are
-    normalised to sum 1; all-zero tap columns are dropped. Cached: one pair per frame size.
+    Resizing by 1/``scale`` (or by ``scale`` when ``enlarge``): output pixel u (1-based) sits at
+    input coordinate u/f + (1 - 1/f)/2 for the factor f. Shrinking stretches the kernel
+    (antialiasing): h(x) = f * cubic(f * x), support 4/f; enlarging uses the plain cubic.
+    Out-of-range taps mirror (``[1..n, n..1]`` periodic); rows are normalised to sum 1; all-zero
+    tap columns are dropped. Cached: one pair per frame size.
     """
-    s = 1.0 / scale
-    width = 4.0 / s
-    out_len = math.ceil(in_len * s)
-    u = np.arange(1, out_len + 1, dtype=np.float64) / s + 0.5 * (1.0 - 1.0 / s)
+    if in_len < 1:
+        raise ValueError(f"input length must be >= 1, got {in_len}")
+    if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+        raise ValueError(f"scale must be a positive integer, got {scale!r}")
+    f = float(scale) if enlarge else 1.0 / scale
+    k = min(f, 1.0)
+    width = 4.0 / k
+    out_len = math.ceil(in_len * f)
+    u = np.arange(1, out_len + 1, dtype=np.float64) / f + 0.5 * (1.0 - 1.0 / f)
     left = np.floor(u - width / 2.0)
     n_taps = math.ceil(width) + 2
     idx = left[:, None] + np.arange(n_taps, dtype=np.float64)[None, :]
-    weights = s * _cubic(s * (u[:, None] - idx))
+    weights = k * _cubic(k * (u[:, None] - idx))
     weights = weights / weights.sum(axis=1, keepdims=True)
     aux = np.concatenate([np.arange(in_len), np.arange(in_len)[::-1]])
     indices = aux[np.mod(idx.astype(np.int64) - 1, 2 * in_len)]
@@ -126,10 +132,10 @@ def bicubic_downsample(img: np.ndarray, scale: int = 4) -> np.ndarray:
     (H // scale, W // scale[, C]).
     """
     img = _crop_to_multiple(img, scale)
-    w_rows, i_rows = bicubic_taps(img.shape[0], scale)
-    w_cols, i_cols = bicubic_taps(img.shape[1], scale)
-    mid = _round_half_away(_apply_taps(img, 0, w_rows, i_rows))
-    out = _round_half_away(_apply_taps(mid, 1, w_cols, i_cols))
+    w_rows, i_rows = imresize_taps(img.shape[0], scale)
+    w_cols, i_cols = imresize_taps(img.shape[1], scale)
+    mid = round_half_away(apply_taps(img, 0, w_rows, i_rows))
+    out = round_half_away(apply_taps(mid, 1, w_cols, i_cols))
     return np.ascontiguousarray(out.astype(np.uint8))
 
 
@@ -184,8 +190,8 @@ def blur_downsample(img: np.ndarray, scale: int = 4, sigma: float = 1.6) -> np.n
     img = _crop_to_multiple(img, scale)
     w_rows, i_rows = _blur_taps(img.shape[0], scale, float(sigma))
     w_cols, i_cols = _blur_taps(img.shape[1], scale, float(sigma))
-    out = _apply_taps(_apply_taps(img, 0, w_rows, i_rows), 1, w_cols, i_cols)
-    return np.ascontiguousarray(_round_half_away(out).astype(np.uint8))
+    out = apply_taps(apply_taps(img, 0, w_rows, i_rows), 1, w_cols, i_cols)
+    return np.ascontiguousarray(round_half_away(out).astype(np.uint8))
 
 
 DEGRADATIONS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
@@ -370,7 +376,7 @@ __all__ = [
     "MARKER",
     "DegradeSummary",
     "bicubic_downsample",
-    "bicubic_taps",
+    "imresize_taps",
     "blur_downsample",
     "degrade_tree",
     "gaussian_kernel",
