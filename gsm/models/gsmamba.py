@@ -70,6 +70,11 @@ class Reconstruction(nn.Module):
         self.up2 = nn.Conv2d(mid, mid * 4, 3, padding=1)
         self.conv_hr = nn.Conv2d(mid, mid, 3, padding=1)
         self.conv_last = nn.Conv2d(mid, 3, 3, padding=1)
+        # Start close to the bilinear base: a default-initialised last conv adds a random residual
+        # that training first has to unlearn (the paper does not specify this layer's init).
+        with torch.no_grad():
+            self.conv_last.weight.mul_(0.1)
+            self.conv_last.bias.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
         act = lambda v: F.leaky_relu(v, 0.1)  # noqa: E731
