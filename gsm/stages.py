@@ -24,8 +24,8 @@ Stage = Literal["reds", "vimeo"]
 def train(p: Params, stage: Stage, runs: Path, *, progress: bool = True, tracking_uri: str | None = None) -> TrainResult:
     """Train (or resume, or skip when finished) one stage on the prepared data of `p.data.profile`.
 
-    Validation (every `val_every` iterations) runs on the stage's own benchmark: REDS4 for REDS,
-    Vimeo-90K-T for Vimeo, as the field reports them.
+    Validation (every `val_every` iterations and at the end) runs on the stage's own benchmark:
+    REDS4 for REDS, Vimeo-90K-T for Vimeo, as the field reports them; `val_every` > `iters` skips it.
     """
     manifest = read_manifest(p.data)
     cfg = p.train.stage(stage)
@@ -34,9 +34,11 @@ def train(p: Params, stage: Stage, runs: Path, *, progress: bool = True, trackin
         dataset = reds_train_set(cfg, gt, lr, entry["train"], frames_per_clip=entry["frames_per_clip"], seed=p.train.seed)
     else:
         dataset = vimeo_train_set(cfg, gt, lr, entry["train"], seed=p.train.seed)
-    e = p.eval
-    validate = make_validator(eval_sets(manifest, stage)[0], e.tile, e.tile_overlap, resolve_device(e.device, "eval.device"),
-                              chunk=e.chunk, chunk_overlap=e.chunk_overlap, max_clips=e.max_clips)  # fmt: skip
+    e, validate = p.eval, None
+    if cfg.val_every <= cfg.iters:  # a larger val_every means: no validation in this run
+        validate = make_validator(eval_sets(manifest, stage)[0], e.tile, e.tile_overlap,
+                                  resolve_device(e.device, "eval.device"), chunk=e.chunk,
+                                  chunk_overlap=e.chunk_overlap, max_clips=e.max_clips)  # fmt: skip
     return train_stage(
         stage, cfg, p.model, dataset, Path(runs) / stage, seed=p.train.seed, validate=validate,
         init_from=resolve_init(cfg.init_from, runs), device=p.train.device, progress=progress,

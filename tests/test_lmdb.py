@@ -177,6 +177,10 @@ def test_rerun_is_noop_unless_source_changed(src: Path, tmp_path: Path) -> None:
     write_png(src / "002" / "00000010.png", _frame(np.random.default_rng(9), 24, 40))
     with pytest.raises(ValueError, match=r"1 added \(e.g. 002/00000010\)"):
         pack_lmdb(src, dst, workers=1, progress=False)
+    # Regenerated derived frames: the stale pack is replaced, and the new frame reads back.
+    s = pack_lmdb(src, dst, workers=1, progress=False, replace_stale=True)
+    assert s.frames == 31 and s.encoded == 31
+    assert LmdbStore(dst).get("002/00000010").shape == (24, 40, 3)
 
 
 def test_verify_detects_corrupt_missing_and_extra(src: Path, tmp_path: Path) -> None:

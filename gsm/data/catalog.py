@@ -37,7 +37,8 @@ def eval_sets(manifest: dict[str, Any], kind: Literal["reds", "vimeo", "vid4"]) 
     if kind == "reds":
         gt, lr = _stores(entry, backend)
         clips = clip_frames(entry["gt_folder"], entry["test"])
-        return [TestSet(entry["test_name"], "reds4", VideoTestDataset(gt, lr, clips))]
+        protocol = entry.get("test_protocol", "reds4")
+        return [TestSet(entry["test_name"], protocol, VideoTestDataset(gt, lr, clips))]
     if kind == "vimeo":
         gt, lr = _stores(entry, backend)
         seqs = {s: [f"{s}/im{i}" for i in range(1, VIMEO_FRAMES + 1)] for s in entry["test"]}

@@ -20,6 +20,7 @@ import logging
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import struct
 import sys
@@ -338,6 +339,7 @@ def pack_lmdb(
     progress: bool = True,
     map_size: int | None = None,
     on_commit: Callable[[int], None] | None = None,
+    replace_stale: bool = False,
 ) -> PackSummary:
     """Pack `src/**/*.png` into the LMDB folder `dst`; rerunning finishes an interrupted pack.
 
@@ -345,6 +347,8 @@ def pack_lmdb(
     fails to decode stops the pack with committed batches kept and `.complete` not written.
     `map_size` is the initial map (default: twice the source bytes), grown by doubling when full.
     `on_commit(frames_committed)` runs after each commit (progress reporting; tests use it to kill).
+    A finished pack of other frames or another level is refused, unless `replace_stale` (the
+    source is derived data that was regenerated): then it is deleted and packed afresh.
     """
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
@@ -359,6 +363,12 @@ def pack_lmdb(
 
     if dst.exists() and not dst.is_dir():
         raise ValueError(f"{dst}: exists and is not a folder")
+    if replace_stale and (dst / COMPLETE).exists():
+        done = _read_json(dst / COMPLETE)
+        packed = done.get("sizes") or {e.key: -1 for e in read_meta_info(dst)}
+        if _diff_message(dst, packed, plan.sizes) or done.get("level") != level:
+            log.info("%s: packed from other frames; repacking", dst)
+            shutil.rmtree(dst)
     ours = (dst / STATE).exists() or (dst / COMPLETE).exists()
     if dst.is_dir() and not ours and any(p.name != LOCK for p in dst.iterdir()):
         raise ValueError(f"{dst}: not empty and not a gsm pack; choose an empty or new folder")

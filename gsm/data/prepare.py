@@ -88,7 +88,8 @@ class DataConfig:
 
 
 def _pack(src: Path, dst: Path, cfg: DataConfig, progress: bool) -> str:
-    pack_lmdb(src, dst, level=cfg.png_level, workers=cfg.workers, progress=progress)
+    # The frame trees are this stage's own derived data: an LMDB of older frames is repacked.
+    pack_lmdb(src, dst, level=cfg.png_level, workers=cfg.workers, progress=progress, replace_stale=True)
     return str(dst)
 
 
@@ -123,6 +124,8 @@ def prepare_quickstart(cfg: DataConfig, *, progress: bool = True) -> dict[str, A
             "test": list(s.reds.test),
             "frames_per_clip": reds_meta["frames_per_clip"],
             "test_name": "quickstart-REDS",
+            # Scored on Y, all frames (the vid4 rule): the quickstart is judged by Y-PSNR gain.
+            "test_protocol": "vid4",
         },
         "vimeo": {
             "kind": "vimeo",
