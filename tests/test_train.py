@@ -297,7 +297,10 @@ def test_training_run_freezes_flow_logs_and_tracks(data: Path, tmp_path: Path, m
     snaps = [load_checkpoint(out / "checkpoints" / f"iter_{i:08d}.pt") for i in range(1, 5)]
     for i, snap in enumerate(snaps, start=1):
         spy_same = all(torch.equal(v, init[k]) for k, v in snap["model"].items() if k.startswith("spynet."))
-        rest_same = [torch.equal(v, init[k]) for k, v in snap["model"].items() if not k.startswith("spynet.")]
+        # align.k.bias shifts every logit of a query equally: softmax cancels it, so its gradient
+        # is zero up to rounding and Adam may leave it exactly as initialised.
+        rest_same = [torch.equal(v, init[k]) for k, v in snap["model"].items()
+                     if not k.startswith("spynet.") and k != "align.k.bias"]
         assert spy_same == (i <= 2), f"SpyNet weights after iteration {i}"
         assert not any(rest_same), f"some network weights unchanged after iteration {i}"
         main, flow = snap["scheduler"]["lrs"]
