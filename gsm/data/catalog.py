@@ -10,6 +10,7 @@ from gsm.data.images import FolderStore, FrameStore
 from gsm.data.lmdb_io import LmdbStore
 from gsm.eval.protocols import TestSet
 
+
 def _stores(entry: dict[str, Any], backend: str) -> tuple[FrameStore, FrameStore]:
     if backend == "lmdb" and "gt_lmdb" in entry:
         return LmdbStore(entry["gt_lmdb"]), LmdbStore(entry["lr_lmdb"])
