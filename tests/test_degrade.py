@@ -22,18 +22,10 @@ from gsm.data.degrade import (
     gaussian_kernel,
 )
 from gsm.data.images import read_image, write_png
+from matlab_reference import matlab_cubic
 
 # ----------------------------------------------------------------------------------------------
 # Literal MATLAB imresize, one output pixel at a time (independent of the vectorised code)
-
-
-def _ref_cubic(x: float) -> float:
-    a = abs(x)
-    if a <= 1:
-        return 1.5 * a**3 - 2.5 * a**2 + 1
-    if a <= 2:
-        return -0.5 * a**3 + 2.5 * a**2 - 4 * a + 2
-    return 0.0
 
 
 def _ref_contributions(in_length: int, out_length: int, scale: float) -> tuple[list, list]:
@@ -46,7 +38,7 @@ def _ref_contributions(in_length: int, out_length: int, scale: float) -> tuple[l
         u = x / scale + 0.5 * (1 - 1 / scale)
         left = math.floor(u - kernel_width / 2)
         row_idx = [left + j for j in range(p_taps)]
-        row_w = [scale * _ref_cubic(scale * (u - i)) for i in row_idx]
+        row_w = [scale * matlab_cubic(scale * (u - i)) for i in row_idx]
         total = sum(row_w)
         weights.append([w / total for w in row_w])
         indices.append([aux[(i - 1) % len(aux)] for i in row_idx])

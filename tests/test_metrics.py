@@ -12,6 +12,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from gsm.data.degrade import imresize_taps
 from gsm.eval.bicubic import bicubic_upsample
 from gsm.eval.metrics import gaussian_window, psnr, rgb_to_y, ssim
+from matlab_reference import matlab_cubic
 
 
 def _pair(seed: int, h: int = 40, w: int = 52, noise: int = 20) -> tuple[np.ndarray, np.ndarray]:
@@ -140,15 +141,6 @@ def test_bad_crop_and_tiny_images_fail() -> None:
 # Bicubic baseline: MATLAB imresize(img, scale, 'bicubic') enlarging, literally
 
 
-def _ref_cubic(x: float) -> float:
-    a = abs(x)
-    if a <= 1:
-        return 1.5 * a**3 - 2.5 * a**2 + 1
-    if a <= 2:
-        return -0.5 * a**3 + 2.5 * a**2 - 4 * a + 2
-    return 0.0
-
-
 def _ref_resize_axis(x: list[list[float]], scale: int) -> list[list[float]]:
     """Enlarge each row of x (a list of rows) by `scale`: MATLAB's formula, one output at a time,
     1-based coordinates, symmetric mirroring with the edge pixel repeated, weights normalised."""
@@ -162,7 +154,7 @@ def _ref_resize_axis(x: list[list[float]], scale: int) -> list[list[float]]:
             acc, total = 0.0, 0.0
             for p in range(6):
                 i = left + p
-                wgt = _ref_cubic(u - i)
+                wgt = matlab_cubic(u - i)
                 k = i  # mirror into 1..n: 0 -> 1, -1 -> 2, n+1 -> n, n+2 -> n-1
                 while k < 1 or k > n:
                     k = 1 - k if k < 1 else 2 * n + 1 - k

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gsm.models.swsa import SWSA, effective_window, padded_size, swsa_macs
+from gsm.models.swsa import SWSA, effective_window, padded_size, swsa_macs_split
 
 
 def _model(dim: int = 32, depth: int = 2, heads: int = 4, seed: int = 0) -> SWSA:
@@ -102,7 +102,7 @@ def test_swsa_macs_small_case() -> None:
     # linear per token: qkv 3*16 + proj 16 + fc11/fc12 2*4*8 + fc2 8*4 = 48 + 16 + 64 + 32 = 160
     # attention per token: 2 * 80 * 4 = 640
     # per block 320 * (160 + 640) = 256_000; depth 2 -> 512_000
-    assert swsa_macs(4, 3, 10, 5, depth=2) == 512_000
+    assert sum(swsa_macs_split(4, 3, 10, 5, depth=2)) == 512_000
 
 
 def test_reduced_window_bias_uses_true_offsets() -> None:

@@ -274,16 +274,3 @@ def swsa_macs_split(
     linear = 3 * dim * dim + dim * dim + 2 * dim * hidden + hidden * dim
     attn = 2 * math.prod(win) * dim  # QK^T and AV per query token
     return depth * tokens * linear, depth * tokens * attn
-
-
-def swsa_macs(
-    dim: int,
-    T: int,
-    H: int,
-    W: int,
-    depth: int = 4,
-    window: Size3 = (2, 8, 8),
-    mlp_ratio: float = 2.0,
-) -> int:
-    """Multiply-accumulates of one SWSA forward on a (1, T, H, W, dim) input."""
-    return sum(swsa_macs_split(dim, T, H, W, depth, window, mlp_ratio))
