@@ -7,13 +7,13 @@ decode is a one-line ValueError naming the file or key.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Protocol
 
 import cv2
 import numpy as np
+
+from gsm.io import atomic_write_bytes
 
 cv2.setNumThreads(1)  # parallelism comes from worker processes; OpenCV threads would oversubscribe
 
@@ -60,16 +60,7 @@ def read_image(path: str | Path) -> np.ndarray:
 
 def write_png(path: str | Path, img: np.ndarray, level: int = 1) -> None:
     """Atomic: a crash never leaves a truncated PNG under the final name."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(encode_png(img, level))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_bytes(path, encode_png(img, level), durable=False)
 
 
 class FrameStore(Protocol):
