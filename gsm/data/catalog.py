@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from gsm.data.datasets import VIMEO_CENTER_INDEX, VIMEO_FRAMES, VideoTestDataset, clip_frames, vid4_clips
+from gsm.data.datasets import VIMEO_CENTER_INDEX, VideoTestDataset, clip_frames, vid4_clips, vimeo_test_sequences
 from gsm.data.images import FolderStore, FrameStore
 from gsm.data.lmdb_io import LmdbStore
 from gsm.eval.protocols import TestSet
@@ -42,7 +42,7 @@ def eval_sets(manifest: dict[str, Any], kind: Literal["reds", "vimeo", "vid4"]) 
         return [TestSet(entry["test_name"], protocol, VideoTestDataset(gt, lr, clips))]
     if kind == "vimeo":
         gt, lr = _stores(entry, backend)
-        seqs = {s: [f"{s}/im{i}" for i in range(1, VIMEO_FRAMES + 1)] for s in entry["test"]}
+        seqs = vimeo_test_sequences(entry["test"])
         return [TestSet(entry["test_name"], "vimeo",
                          VideoTestDataset(gt, lr, seqs, center_index=VIMEO_CENTER_INDEX))]  # fmt: skip
     gt_folder = Path(entry["gt_folder"])

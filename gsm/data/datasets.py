@@ -360,10 +360,14 @@ def vid4_clips(root: str | Path | Iterable[str]) -> dict[str, list[str]]:
     return clip_frames(root, VID4_CLIPS)
 
 
-def vimeo_test_sequences(list_path: str | Path, num_frames: int = VIMEO_FRAMES) -> dict[str, list[str]]:
-    """`00001/0266` -> [`00001/0266/im1`, ..., `im7`] for each line of sep_testlist.txt.
+def vimeo_test_sequences(
+    sequences: str | Path | Iterable[str], num_frames: int = VIMEO_FRAMES
+) -> dict[str, list[str]]:
+    """`00001/0266` -> [`00001/0266/im1`, ..., `im7`] for each line of sep_testlist.txt (a path) or
+    each given sequence name.
 
     The protocol scores frame VIMEO_CENTER_INDEX (im4) only: pass it as
     `VideoTestDataset(..., center_index=VIMEO_CENTER_INDEX)`.
     """
-    return {seq: [f"{seq}/im{i}" for i in range(1, num_frames + 1)] for seq in read_list(list_path)}
+    names = read_list(sequences) if isinstance(sequences, (str, Path)) else list(sequences)
+    return {seq: [f"{seq}/im{i}" for i in range(1, num_frames + 1)] for seq in names}

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gsm.configs import from_mapping
-from gsm.data.datasets import VID4_CLIPS
+from gsm.data.datasets import VID4_CLIPS, read_list
 from gsm.data.download import fetch
 from gsm.data.extract import extract
 from gsm.data.lmdb_io import pack_lmdb
@@ -183,8 +183,7 @@ def prepare_paper(cfg: DataConfig, sources: dict[str, Source], *, progress: bool
     vimeo_raw = _fetch_extract(sources["vimeo_septuplet"], cfg, 1, progress)  # vimeo_septuplet/...
     vimeo_gt, vimeo_lr = vimeo_raw / "sequences", cfg.profile_dir / "Vimeo" / "BIx4"
     degrade_tree(vimeo_gt, vimeo_lr, mode="BI", scale=4, workers=cfg.workers, progress=progress)
-    lists = {k: [s.strip() for s in (vimeo_raw / f"sep_{k}list.txt").read_text().splitlines() if s.strip()]
-             for k in ("train", "test")}  # fmt: skip
+    lists = {k: read_list(vimeo_raw / f"sep_{k}list.txt") for k in ("train", "test")}
 
     return {
         "profile": "paper",
