@@ -307,4 +307,5 @@ def test_run_evaluation_writes_reports(tree: dict, tmp_path: Path) -> None:
     assert list(results) == ["tiny-vid4", "vimeo-tiny"]
     names = sorted(p.name for p in (tmp_path / "reports").rglob("*") if p.is_file())
     assert names == ["benchmark.md", "crops_tiny-vid4.png", "crops_vimeo-tiny.png", "metrics.json",
-                     "per_clip.csv", "per_clip_tiny-vid4.png", "per_clip_vimeo-tiny.png"]  # fmt: skip
+                     "per_clip.csv", "per_clip_tiny-vid4.png", "per_clip_vimeo-tiny.png", "runtime.json",
+                     "train.csv", "val.csv"]  # fmt: skip

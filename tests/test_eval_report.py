@@ -61,12 +61,13 @@ def test_write_reports_files_and_numbers(tmp_path: Path, results: dict[str, Test
                             train_logs=_logs(tmp_path), crop_size=16)  # fmt: skip
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == [
-        "benchmark.md", "metrics.json", "per_clip.csv",
+        "benchmark.md", "curves/train.csv", "curves/val.csv", "metrics.json", "per_clip.csv",
         "plots/crops_reds4.png", "plots/per_clip_quickstart-vimeo.png", "plots/per_clip_reds4.png",
-        "plots/train_loss.png", "plots/val_psnr.png",
+        "plots/train_loss.png", "plots/val_psnr.png", "runtime.json",
     ]  # fmt: skip — no temporaries left behind, and no crops for a result without a showcase
     assert set(written) == {"metrics", "per_clip", "benchmark", "train_loss", "val_psnr", "per_clip_REDS4",
-                            "per_clip_quickstart-Vimeo", "crops_REDS4"}  # fmt: skip
+                            "per_clip_quickstart-Vimeo", "crops_REDS4", "runtime", "train_curve",
+                            "val_curve"}  # fmt: skip
     for p in (out / "plots").iterdir():
         data = p.read_bytes()
         assert data.startswith(PNG) and len(data) > 2000, p
@@ -77,7 +78,15 @@ def test_write_reports_files_and_numbers(tmp_path: Path, results: dict[str, Test
     assert reds["bicubic_psnr"] == pytest.approx(25.5)
     assert reds["psnr_gain"] == pytest.approx(4.0)
     assert reds["ssim"] == pytest.approx(29.5 / 40) and reds["ssim_gain"] == pytest.approx(4.0 / 40)
-    assert (reds["clips"], reds["frames"], reds["seconds"]) == (2, 3, 1.5)
+    assert (reds["clips"], reds["frames"]) == (2, 3) and "seconds" not in reds  # timings vary run to run
+    assert json.loads((out / "runtime.json").read_text())["REDS4"] == {"seconds": 1.5, "frames": 3,
+                                                                       "seconds_per_frame": 0.5}  # fmt: skip
+    # DVC plot data: one row per logged loss, `step` going on from the REDS stage's last iteration (5)
+    train = list(csv.DictReader((out / "curves" / "train.csv").open()))
+    assert len(train) == 155 and train[0] == {"step": "1", "stage": "reds", "iter": "1", "loss": "0.1", "lr": "0.0002"}
+    assert (train[5]["step"], train[5]["stage"], train[5]["iter"]) == ("6", "vimeo", "1")
+    val = list(csv.DictReader((out / "curves" / "val.csv").open()))
+    assert [(r["step"], r["val_psnr"], r["val_ssim"]) for r in val] == [("3", "27.5", "0.8"), ("5", "28.0", "0.81")]
     assert m["test_sets"]["quickstart-Vimeo"]["psnr_gain"] == pytest.approx(4.0)
     assert m["model"] == {"params": 1_234_567, "checkpoint": "ema.pt"}
 

@@ -95,9 +95,9 @@ def test_paper_profile_from_archives(http_server: LoopbackServer, tmp_path: Path
 
 def test_missing_vid4_mirror_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"sources\.vid4_gt\.url"):
-        from gsm.data.prepare import _vid4
+        from gsm.data.prepare import _download_vid4
 
-        _vid4(sources_from_dict(None), DataConfig(profile="paper", root=str(tmp_path)), progress=False)
+        _download_vid4(sources_from_dict(None), DataConfig(profile="paper", root=str(tmp_path)), progress=False)
     assert not any(tmp_path.iterdir())
 
 
@@ -121,3 +121,39 @@ def test_manifest_missing_names_the_stage(tmp_path: Path) -> None:
     (tmp_path / "quickstart" / "manifest.json").write_text("{")
     with pytest.raises(ValueError, match="corrupt manifest"):
         read_manifest(DataConfig(root=str(tmp_path)))
+
+
+def test_quickstart_steps_chain_and_start_over_on_new_input(tmp_path: Path) -> None:
+    from conftest import merged, tiny_params_dict
+
+    from gsm.data.images import read_image
+    from gsm.data.prepare import degrade_data, download_data, pack_data
+
+    raw = tiny_params_dict(tmp_path)
+    p = parse_params(raw)
+    with pytest.raises(FileNotFoundError, match="run the download step first"):
+        degrade_data(p.data, p.sources, progress=False)
+    src = download_data(p.data, p.sources, progress=False)
+    lr = degrade_data(p.data, p.sources, progress=False)
+    manifest = pack_data(p.data, p.sources, progress=False)
+    m = read_manifest(p.data)
+    assert (src, lr, manifest) == (p.data.source_dir, p.data.lr_dir, p.data.manifest_path)
+    assert m["reds"]["lr_folder"] == str(lr / "reds_like" / "BIx4") and Path(m["reds"]["gt_lmdb"]).is_dir()
+    assert m["made_from"]["reds_like"]["crop"] == [96, 160]
+    frame = lr / "reds_like" / "BIx4" / "000" / "00000000.png"
+    stamp = frame.stat().st_mtime_ns
+    assert read_image(frame).shape == (24, 40, 3)
+
+    # Rerunning a finished step redoes nothing.
+    degrade_data(p.data, p.sources, progress=False)
+    assert frame.stat().st_mtime_ns == stamp
+
+    # Other source frames (a smaller crop): the LR made from the old ones is removed and remade,
+    # and the manifest says what the data are made from now.
+    p2 = parse_params(merged(raw, {"data": {"quickstart": {"reds_crop": [64, 128]}}}))
+    download_data(p2.data, p2.sources, progress=False)
+    (lr / "stale.txt").write_text("from the old frames")
+    degrade_data(p2.data, p2.sources, progress=False)
+    assert read_image(frame).shape == (16, 32, 3) and not (lr / "stale.txt").exists()
+    pack_data(p2.data, p2.sources, progress=False)
+    assert read_manifest(p2.data)["made_from"]["reds_like"]["crop"] == [64, 128]

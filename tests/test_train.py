@@ -396,13 +396,27 @@ def test_kill_and_resume_is_bit_identical(data: Path, tmp_path: Path) -> None:
     ds = reds_train_set(cfg, FolderStore(data / "GT"), FolderStore(data / "LR"), CLIPS, frames_per_clip=5)
     with pytest.raises(ValueError, match=r"trained with a different model: window 3 != 5"):
         train_stage("reds", cfg, GSMConfig(**{**TINY, "window": 5}), ds, whole, device="cpu", progress=False)
-
     # The next stage starts from this one's EMA weights (mirrored 3-frame clips: 6 frames in the net).
     nxt = run_training(data, tmp_path / "next", {"iters": 1, "mirror": True, "fix_flow": 0},
                        init_from=whole / "checkpoints" / "last.pt")
     assert nxt.iterations == 1 and nxt.resumed_from == 0
     first = read_metrics(tmp_path / "next" / "metrics.jsonl")[0]
     assert first["loss"] < 1.0 and math.isfinite(first["loss"])
+    # Pipelines rerun a stage because its params changed: that run starts over instead.
+    changed = GSMConfig(**{**TINY, "window": 5})
+    redo = train_stage("reds", cfg, changed, ds, whole, device="cpu", progress=False, restart_on_change=True)
+    assert (redo.iterations, redo.resumed_from) == (8, 0)
+    assert load_checkpoint(whole / "checkpoints" / "last.pt")["config"]["window"] == 5
+    assert [r["iter"] for r in read_metrics(whole / "metrics.jsonl") if "loss" in r] == list(range(1, 9))
+    again = train_stage("reds", cfg, changed, ds, whole, device="cpu", progress=False, restart_on_change=True)
+    assert again.resumed_from == 8  # unchanged settings still resume (here: nothing left to do)
+    # Other inputs (new data, or another init checkpoint) are a change too.
+    with pytest.raises(ValueError, match=r"different train\.reds settings: data changed"):
+        train_stage("reds", cfg, changed, ds, whole, device="cpu", progress=False, inputs={"data": "new"})
+    redo = train_stage("reds", cfg, changed, ds, whole, device="cpu", progress=False, inputs={"data": "new"},
+                       restart_on_change=True)
+    assert redo.resumed_from == 0 and load_checkpoint(whole / "checkpoints" / "last.pt")["made_from"] == {"data": "new"}
+
 
 
 def test_trainer_rejects_clip_length_mismatch(data: Path, tmp_path: Path) -> None:

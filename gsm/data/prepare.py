@@ -4,23 +4,30 @@ Both profiles end in the same place: a `manifest.json` naming, per dataset, its 
 stores and its train/test clips. Training and evaluation read only the manifest (see
 `gsm.data.catalog`), so they never care where the frames came from.
 
-Layout under `data.root` (default `data/`):
+It runs as three steps, each a DVC stage with its own folder under `<data.root>/<profile>/`, and
+each handing the next an `index.json` (the manifest in the making):
 
-* quickstart: `quickstart/{reds_like,vimeo_like}/{GT,BIx4}` (gsm.data.quickstart), LMDBs in
-  `quickstart/lmdb/`, manifest `quickstart/manifest.json`.
-* paper: archives in `downloads/`, unpacked in `raw/<source>/`; `paper/REDS/{GT,BIx4}` (270 clips,
-  val merged as 240-269), Vimeo-90K GT in `raw/vimeo_septuplet/sequences` with BI LR degraded to
-  `paper/Vimeo/BIx4`, `paper/Vid4/{GT,BIx4,BDx4}` (LR from their archives when a URL is set, else
-  degraded from GT with our BI/BD), LMDBs in `paper/lmdb/`, manifest `paper/manifest.json`.
+1. download -> `source/`: quickstart: the GT trees `source/{reds_like,vimeo_like}/GT` cut from the
+   bundled videos (gsm.data.quickstart); paper: archives in `source/downloads/`, unpacked in
+   `source/raw/<source>/`, REDS regrouped (hard links) into `source/REDS/{GT,BIx4}` (270 clips, val
+   as 240-269), Vimeo-90K GT in `source/raw/vimeo_septuplet/sequences`, Vid4 GT (and LR when
+   their URLs are set).
+2. degrade -> `lr/`: the LR frames no archive provides, with our MATLAB-exact BI (and BD for
+   Vid4): quickstart `lr/{reds_like,vimeo_like}/BIx4`, paper `lr/Vimeo/BIx4`, `lr/Vid4/{BIx4,BDx4}`.
+3. pack -> `lmdb/` and `manifest.json`: BasicSR-style LMDBs of every GT/LR training tree.
 
-Every step is resumable (each writes a marker only when complete), so a rerun after a crash or a
-Ctrl-C continues where it stopped and a finished stage costs seconds.
+Every step is resumable (markers are written only for finished work), so a rerun after a crash or
+a Ctrl-C continues where it stopped and a finished step costs seconds. A step whose input index
+changed starts its output over: derived frames of other data must not survive.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import logging
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -32,11 +39,12 @@ from gsm.data.extract import extract
 from gsm.data.lmdb_io import pack_lmdb
 from gsm.data.reds import REDS_STRIP, regroup_reds, reds_partition
 from gsm.data.sources import Source
-from gsm.io import atomic_write_json
+from gsm.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+INDEX = "index.json"  # what a step produced; written last, so it exists only for finished output
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,12 @@ class QuickstartConfig:
     vimeo_train_stride: int = 3
     vimeo_test_stride: int = 7
     vimeo_crops: int = 3
+    # Only to make tiny test profiles: fewer source frames, smaller (centred) REDS-like frames and
+    # Vimeo-like windows, as [H, W]. null: the whole videos at full size.
+    reds_max_frames: int | None = None
+    reds_crop: tuple[int, int] | None = None
+    vimeo_max_frames: int | None = None
+    vimeo_crop: tuple[int, int] = (256, 448)
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,21 @@ class DataConfig:
     def manifest_path(self) -> Path:
         return self.profile_dir / MANIFEST
 
+    @property
+    def source_dir(self) -> Path:
+        """Output of the download step: GT (and published LR) frames, archives."""
+        return self.profile_dir / "source"
+
+    @property
+    def lr_dir(self) -> Path:
+        """Output of the degrade step: LR frames made here."""
+        return self.profile_dir / "lr"
+
+    @property
+    def lmdb_dir(self) -> Path:
+        """Output of the pack step (with the manifest)."""
+        return self.profile_dir / "lmdb"
+
 
 def _pack(src: Path, dst: Path, cfg: DataConfig, progress: bool) -> str:
     # The frame trees are this stage's own derived data: an LMDB of older frames is repacked.
@@ -93,56 +122,70 @@ def _pack(src: Path, dst: Path, cfg: DataConfig, progress: bool) -> str:
     return str(dst)
 
 
-def _stores(gt: Path, lr: Path, name: str, cfg: DataConfig, progress: bool) -> dict[str, str]:
-    """Folder paths always; LMDB paths (packed now) when the backend is LMDB."""
-    out = {"gt_folder": str(gt), "lr_folder": str(lr)}
-    if cfg.backend == "lmdb":
-        lmdb_dir = cfg.profile_dir / "lmdb"
-        out["gt_lmdb"] = _pack(gt, lmdb_dir / f"{name}_GT.lmdb", cfg, progress)
-        out["lr_lmdb"] = _pack(lr, lmdb_dir / f"{name}_BIx4.lmdb", cfg, progress)
-    return out
+def _read_step_output(path: Path, step: str, what: str = "index") -> dict[str, Any]:
+    """A JSON file a data step writes last; its absence means the step has not finished."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no {what}; run the {step} step first (`gsm prepare --step {step}`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: corrupt {what} ({exc.msg}); rerun `gsm prepare --step {step}`") from None
 
 
-def prepare_quickstart(cfg: DataConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Quickstart frames from the bundled videos, degraded and packed by the real datasets' code."""
+def _start_over_if_stale(out: Path, upstream: dict[str, Any]) -> None:
+    """Record which upstream index `out` is made from; output made from another one is removed."""
+    digest = hashlib.sha256(json.dumps(upstream, sort_keys=True).encode()).hexdigest()
+    marker = out / ".upstream"
+    if marker.is_file() and marker.read_text().strip() != digest:
+        log.info("%s was made from other input: starting over", out)
+        shutil.rmtree(out)
+    (out / INDEX).unlink(missing_ok=True)  # an index only ever describes finished output
+    if not marker.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(marker, digest + "\n")
+
+
+# --- step 1: download ------------------------------------------------------------------------------
+
+
+def _download_quickstart(cfg: DataConfig, progress: bool) -> dict[str, Any]:
+    """GT trees cut from the bundled videos (gsm.data.quickstart documents the splits)."""
     from gsm.data.quickstart import build_quickstart
 
     q = cfg.quickstart
     s = build_quickstart(
-        cfg.profile_dir, reds_clip_len=q.reds_clip_len, reds_test_frames=q.reds_test_frames,
-        reds_gap=q.reds_gap, vimeo_test_frames=q.vimeo_test_frames, vimeo_gap=q.vimeo_gap,
-        vimeo_train_stride=q.vimeo_train_stride, vimeo_test_stride=q.vimeo_test_stride,
-        vimeo_crops=q.vimeo_crops, workers=cfg.workers, progress=progress,
+        cfg.source_dir, reds_clip_len=q.reds_clip_len, reds_test_frames=q.reds_test_frames,
+        reds_gap=q.reds_gap, reds_max_frames=q.reds_max_frames, reds_crop=q.reds_crop,
+        vimeo_test_frames=q.vimeo_test_frames, vimeo_gap=q.vimeo_gap, vimeo_train_stride=q.vimeo_train_stride,
+        vimeo_test_stride=q.vimeo_test_stride, vimeo_crop=q.vimeo_crop, vimeo_crops=q.vimeo_crops,
+        vimeo_max_frames=q.vimeo_max_frames, workers=cfg.workers, progress=progress,
     )  # fmt: skip
     reds_meta = json.loads((s.reds.root / "meta.json").read_text())
+    vimeo_meta = json.loads((s.vimeo.root / "meta.json").read_text())
     return {
         "profile": "quickstart",
+        # What the frames were made from: a change here flows through every later index, so DVC and
+        # the steps' staleness checks rerun exactly what depends on it.
+        "made_from": {"reds_like": reds_meta["params"], "vimeo_like": vimeo_meta["params"]},
         "reds": {
-            "kind": "reds",
-            **_stores(s.reds.gt, s.reds.lr, "reds_like", cfg, progress),
-            "train": list(s.reds.train),
-            "test": list(s.reds.test),
-            "frames_per_clip": reds_meta["frames_per_clip"],
-            "test_name": "quickstart-REDS",
+            "kind": "reds", "name": "reds_like", "gt_folder": str(s.reds.gt),
+            "train": list(s.reds.train), "test": list(s.reds.test),
+            "frames_per_clip": reds_meta["frames_per_clip"], "test_name": "quickstart-REDS",
             # Scored on Y, all frames (the vid4 rule): the quickstart is judged by Y-PSNR gain.
             "test_protocol": "vid4",
         },
         "vimeo": {
-            "kind": "vimeo",
-            **_stores(s.vimeo.gt, s.vimeo.lr, "vimeo_like", cfg, progress),
-            "train": list(s.vimeo.train),
-            "test": list(s.vimeo.test),
-            "test_name": "quickstart-Vimeo",
+            "kind": "vimeo", "name": "vimeo_like", "gt_folder": str(s.vimeo.gt),
+            "train": list(s.vimeo.train), "test": list(s.vimeo.test), "test_name": "quickstart-Vimeo",
         },
         "vid4": None,
-    }
+    }  # fmt: skip
 
 
 def _fetch_extract(src: Source, cfg: DataConfig, strip: int, progress: bool) -> Path:
-    root = Path(cfg.root)
-    archive = fetch(src, root / "downloads", retries=cfg.download_retries, progress=progress)
-    return extract(archive, root / "raw" / src.name, max_bytes=int(cfg.max_extract_gb * 1e9), strip=strip,
-                   progress=progress)
+    archive = fetch(src, cfg.source_dir / "downloads", retries=cfg.download_retries, progress=progress)
+    return extract(archive, cfg.source_dir / "raw" / src.name, max_bytes=int(cfg.max_extract_gb * 1e9),
+                   strip=strip, progress=progress)  # fmt: skip
 
 
 def find_clip_parent(root: Path, clips: tuple[str, ...], what: str) -> Path:
@@ -153,77 +196,116 @@ def find_clip_parent(root: Path, clips: tuple[str, ...], what: str) -> Path:
     raise FileNotFoundError(f"{what}: no folder under {root} holds the clip folders {', '.join(clips)}")
 
 
-def _vid4(sources: dict[str, Source], cfg: DataConfig, progress: bool) -> dict[str, str]:
-    """Vid4 GT from its archive; BI/BD LR from theirs when a URL is set, else degraded from GT here."""
-    from gsm.data.degrade import degrade_tree
-
-    out_root = cfg.profile_dir / "Vid4"
-    gt_raw = find_clip_parent(_fetch_extract(sources["vid4_gt"], cfg, 0, progress), VID4_CLIPS, "vid4_gt")
-    out = {"gt_folder": str(gt_raw)}
-    for mode, name in (("BI", "vid4_bix4"), ("BD", "vid4_bdx4")):
+def _download_vid4(sources: dict[str, Source], cfg: DataConfig, progress: bool) -> dict[str, str]:
+    """Vid4 GT, and its BI/BD LR where their URLs are set (the degrade step makes the others)."""
+    out = {"gt_folder": str(find_clip_parent(_fetch_extract(sources["vid4_gt"], cfg, 0, progress), VID4_CLIPS,
+                                             "vid4_gt"))}  # fmt: skip
+    for mode, name in (("bi", "vid4_bix4"), ("bd", "vid4_bdx4")):
         if sources[name].url:
-            lr = find_clip_parent(_fetch_extract(sources[name], cfg, 0, progress), VID4_CLIPS, name)
-        else:
-            lr = out_root / f"{mode}x4"
-            degrade_tree(gt_raw, lr, mode=mode, scale=4, workers=cfg.workers, progress=progress)
-        out[f"{mode.lower()}_folder"] = str(lr)
+            out[f"{mode}_folder"] = str(find_clip_parent(_fetch_extract(sources[name], cfg, 0, progress),
+                                                         VID4_CLIPS, name))  # fmt: skip
     return out
 
 
-def prepare_paper(cfg: DataConfig, sources: dict[str, Source], *, progress: bool = True) -> dict[str, Any]:
-    """REDS, Vimeo-90K and Vid4 from their archives (downloads resume; every step is skipped when done)."""
-    from gsm.data.degrade import degrade_tree
-
+def _download_paper(cfg: DataConfig, sources: dict[str, Source], progress: bool) -> dict[str, Any]:
+    """REDS, Vimeo-90K and Vid4 from their archives (downloads resume; finished ones are skipped)."""
     raw = {name: _fetch_extract(sources[name], cfg, strip, progress) for name, strip in REDS_STRIP.items()}
-    reds_dir = cfg.profile_dir / "REDS"
+    reds_dir = cfg.source_dir / "REDS"
     clips = regroup_reds(raw["reds_train_sharp"], raw["reds_val_sharp"], reds_dir / "GT")
     regroup_reds(raw["reds_train_sharp_bicubic"], raw["reds_val_sharp_bicubic"], reds_dir / "BIx4")
     train, test = reds_partition(clips)
-
     vimeo_raw = _fetch_extract(sources["vimeo_septuplet"], cfg, 1, progress)  # vimeo_septuplet/...
-    vimeo_gt, vimeo_lr = vimeo_raw / "sequences", cfg.profile_dir / "Vimeo" / "BIx4"
-    degrade_tree(vimeo_gt, vimeo_lr, mode="BI", scale=4, workers=cfg.workers, progress=progress)
     lists = {k: read_list(vimeo_raw / f"sep_{k}list.txt") for k in ("train", "test")}
-
     return {
         "profile": "paper",
+        "made_from": {name: dataclasses.asdict(src) for name, src in sorted(sources.items())},
         "reds": {
-            "kind": "reds",
-            **_stores(reds_dir / "GT", reds_dir / "BIx4", "REDS", cfg, progress),
-            "train": train,
-            "test": test,
+            "kind": "reds", "name": "REDS", "gt_folder": str(reds_dir / "GT"), "lr_folder": str(reds_dir / "BIx4"),
+            "train": train, "test": test, "test_name": "REDS4",
             "frames_per_clip": {c: sum(1 for _ in (reds_dir / "GT" / c).glob("*.png")) for c in clips},
-            "test_name": "REDS4",
         },
         "vimeo": {
-            "kind": "vimeo",
-            **_stores(vimeo_gt, vimeo_lr, "Vimeo", cfg, progress),
-            "train": lists["train"],
-            "test": lists["test"],
-            "test_name": "Vimeo-90K-T",
+            "kind": "vimeo", "name": "Vimeo", "gt_folder": str(vimeo_raw / "sequences"),
+            "train": lists["train"], "test": lists["test"], "test_name": "Vimeo-90K-T",
         },
-        "vid4": _vid4(sources, cfg, progress),
-    }
+        "vid4": _download_vid4(sources, cfg, progress),
+    }  # fmt: skip
 
 
-def prepare_data(cfg: DataConfig, sources: dict[str, Source], *, progress: bool = True) -> Path:
-    """Run the data stage of `cfg.profile`; returns the manifest's path (written last, atomically)."""
+def download_data(cfg: DataConfig, sources: dict[str, Source], *, progress: bool = True) -> Path:
+    """Step 1 of `cfg.profile`; returns its folder (`source/`, with `index.json` written last)."""
+    out = cfg.source_dir
+    (out / INDEX).unlink(missing_ok=True)
+    index = _download_quickstart(cfg, progress) if cfg.profile == "quickstart" else _download_paper(cfg, sources, progress)
+    atomic_write_json(out / INDEX, index)
+    return out
+
+
+# --- step 2: degrade -------------------------------------------------------------------------------
+
+
+def degrade_data(cfg: DataConfig, sources: dict[str, Source], *, progress: bool = True) -> Path:
+    """Step 2: every LR tree the download did not bring, BI x4 (Vid4 also BD); returns `lr/`."""
+    from gsm.data.degrade import degrade_tree
+
+    index = _read_step_output(cfg.source_dir / INDEX, "download")
+    out = cfg.lr_dir
+    _start_over_if_stale(out, index)
+
+    def make(gt: str, lr: Path, mode: str) -> str:
+        degrade_tree(Path(gt), lr, mode=mode, scale=4, workers=cfg.workers, progress=progress)  # type: ignore[arg-type]
+        return str(lr)
+
+    for kind in ("reds", "vimeo"):
+        entry = index[kind]
+        if "lr_folder" not in entry:
+            entry["lr_folder"] = make(entry["gt_folder"], out / entry["name"] / "BIx4", "BI")
+    if index.get("vid4"):
+        for mode in ("BI", "BD"):
+            key = f"{mode.lower()}_folder"
+            if key not in index["vid4"]:
+                index["vid4"][key] = make(index["vid4"]["gt_folder"], out / "Vid4" / f"{mode}x4", mode)
+    atomic_write_json(out / INDEX, index)
+    return out
+
+
+# --- step 3: pack ----------------------------------------------------------------------------------
+
+
+def pack_data(cfg: DataConfig, sources: dict[str, Source], *, progress: bool = True) -> Path:
+    """Step 3: LMDBs of the training/test trees (LMDB backend) and the manifest; returns its path."""
+    index = _read_step_output(cfg.lr_dir / INDEX, "degrade")
     cfg.manifest_path.unlink(missing_ok=True)  # a manifest only ever describes finished data
-    if cfg.profile == "quickstart":
-        manifest = prepare_quickstart(cfg, progress=progress)
-    else:
-        manifest = prepare_paper(cfg, sources, progress=progress)
-    manifest["backend"] = cfg.backend
-    atomic_write_json(cfg.manifest_path, manifest)
+    _start_over_if_stale(cfg.lmdb_dir, index)
+    if cfg.backend == "lmdb":  # the folder backend reads the trees as they are: lmdb/ holds the index only
+        for kind in ("reds", "vimeo"):
+            e = index[kind]
+            e["gt_lmdb"] = _pack(Path(e["gt_folder"]), cfg.lmdb_dir / f"{e['name']}_GT.lmdb", cfg, progress)
+            e["lr_lmdb"] = _pack(Path(e["lr_folder"]), cfg.lmdb_dir / f"{e['name']}_BIx4.lmdb", cfg, progress)
+    atomic_write_json(cfg.lmdb_dir / INDEX, index)
+    index["backend"] = cfg.backend
+    atomic_write_json(cfg.manifest_path, index)
     return cfg.manifest_path
 
 
+STEPS = ("download", "degrade", "pack")
+
+
+def prepare_data(
+    cfg: DataConfig, sources: dict[str, Source], *, steps: tuple[str, ...] = STEPS, progress: bool = True
+) -> Path:
+    """The data stage (all steps by default); returns the manifest's path, or the last step's folder."""
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise ValueError(f"unknown data step {unknown[0]!r} (steps: {', '.join(STEPS)})")
+    run = {"download": download_data, "degrade": degrade_data, "pack": pack_data}
+    result = cfg.profile_dir
+    for step in STEPS:
+        if step in steps:
+            result = run[step](cfg, sources, progress=progress)
+    return result
+
+
 def read_manifest(cfg: DataConfig) -> dict[str, Any]:
-    path = cfg.manifest_path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no data manifest; run the data stage first (`gsm prepare`)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: corrupt manifest ({exc.msg}); rerun `gsm prepare`") from None
+    return _read_step_output(cfg.manifest_path, "pack", "manifest")
 

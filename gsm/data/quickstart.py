@@ -20,9 +20,10 @@ Split by time, with a gap, so no test frame (nor a near-duplicate neighbour) is 
   (`0001`...): 67 train starts and 5 test starts -> 201 train, 15 test septuplets. Layout as Vimeo:
   `vimeo_like/GT/<seq>/<sub>/im1..im7.png` with `sep_trainlist.txt` / `sep_testlist.txt`.
 
-LR frames come from the same `degrade_tree` (MATLAB bicubic x4) used for the real datasets, into
-`<part>/BIx4`, so packing and datasets are shared. Each part is skipped when its `.complete` marker
-holds the same parameters; otherwise it is rebuilt from scratch (it is derived data).
+Only GT frames are made here: the degrade step (gsm.data.prepare) makes their LR frames with the
+same `degrade_tree` (MATLAB bicubic x4) as for the real datasets, so degradation, packing and
+datasets are shared. Each part is skipped when its `.complete` marker holds the same parameters;
+otherwise it is rebuilt from scratch (it is derived data).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
@@ -71,7 +72,6 @@ class QuickstartPart:
 
     root: Path
     gt: Path
-    lr: Path
     train: tuple[str, ...]
     test: tuple[str, ...]
     gt_frames: int  # PNG files in the GT tree
@@ -234,35 +234,23 @@ def _is_complete(root: Path, marker: str, params: dict[str, object]) -> bool:
         return False
 
 
-def _degrade(gt: Path, lr: Path, workers: int, progress: bool) -> None:
-    from gsm.data.degrade import degrade_tree  # the same code path as the real datasets
-
-    degrade_tree(gt, lr, mode="BI", scale=4, workers=workers, progress=progress)
-
-
 def _build_part(
     root: Path,
     params: dict[str, object],
     write_gt: Callable[[Path], None],
     write_lists: Callable[[], None],
-    workers: int,
-    progress: bool,
 ) -> tuple[bool, int]:
-    """GT stage, LR stage, lists, each resumable through its own marker; returns (skipped, GT PNGs)."""
-    gt, lr = root / "GT", root / "BIx4"
+    """GT frames then lists, skipped when the `.complete` marker holds the same parameters; returns
+    (skipped, GT PNGs). LR frames are the degrade step's (gsm.data.prepare), as for the real data."""
+    gt = root / "GT"
     if _is_complete(root, ".complete", params):
         return True, sum(1 for _ in gt.rglob("*.png"))
-    marker = json.dumps(params, sort_keys=True)
     (root / ".complete").unlink(missing_ok=True)
-    if not _is_complete(root, ".gt_complete", params):
-        log.info("building %s", gt)
-        shutil.rmtree(gt, ignore_errors=True)  # stale frames from other parameters must not survive
-        shutil.rmtree(lr, ignore_errors=True)
-        write_gt(gt)
-        atomic_write_text(root / ".gt_complete", marker)
-    _degrade(gt, lr, workers, progress)
+    log.info("building %s", gt)
+    shutil.rmtree(gt, ignore_errors=True)  # stale frames from other parameters must not survive
+    write_gt(gt)
     write_lists()
-    atomic_write_text(root / ".complete", marker)
+    atomic_write_text(root / ".complete", json.dumps(params, sort_keys=True))
     return False, sum(1 for _ in gt.rglob("*.png"))
 
 
@@ -311,8 +299,8 @@ def build_reds_like(
         }
         atomic_write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
 
-    skipped, count = _build_part(root, params, write_gt, write_lists, workers, progress)
-    return QuickstartPart(root, root / "GT", root / "BIx4", tuple(train_names), tuple(test_names), count, skipped)
+    skipped, count = _build_part(root, params, write_gt, write_lists)
+    return QuickstartPart(root, root / "GT", tuple(train_names), tuple(test_names), count, skipped)
 
 
 def build_vimeo_like(
@@ -368,8 +356,8 @@ def build_vimeo_like(
         }
         atomic_write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
 
-    skipped, count = _build_part(root, params, write_gt, write_lists, workers, progress)
-    return QuickstartPart(root, root / "GT", root / "BIx4", tuple(train_names), tuple(test_names), count, skipped)
+    skipped, count = _build_part(root, params, write_gt, write_lists)
+    return QuickstartPart(root, root / "GT", tuple(train_names), tuple(test_names), count, skipped)
 
 
 def build_quickstart(
@@ -390,7 +378,7 @@ def build_quickstart(
     workers: int = 2,
     progress: bool = True,
 ) -> QuickstartSummary:
-    """Both quickstart datasets (GT + BIx4 PNG trees and lists) under `out_dir`; LMDB packing is a later stage."""
+    """Both quickstart datasets (GT PNG trees and lists) under `out_dir`; degrading and packing are later steps."""
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     reds = build_reds_like(
@@ -403,8 +391,3 @@ def build_quickstart(
         workers=workers, progress=progress,
     )  # fmt: skip
     return QuickstartSummary(out_dir, reds, vimeo, time.perf_counter() - t0)
-
-
-def summary_dict(summary: QuickstartSummary) -> dict[str, object]:
-    """JSON-friendly form for pipeline logs and reports."""
-    return json.loads(json.dumps(asdict(summary), default=str))

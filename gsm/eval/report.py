@@ -1,9 +1,12 @@
 """Evaluation outputs under one folder (normally `reports/`), every file written atomically.
 
 * ``metrics.json``: DVC metrics. ``test_sets.<name>.{psnr, ssim, bicubic_psnr, bicubic_ssim,
-  psnr_gain, ssim_gain, clips, frames, seconds}`` and ``model`` (the caller's model_info). A
-  non-finite score (``inf`` PSNR of a perfect frame, ``nan`` of a skipped baseline) is ``null``,
-  since JSON has no such numbers.
+  psnr_gain, ssim_gain, clips, frames}`` and ``model`` (the caller's model_info). A non-finite
+  score (``inf`` PSNR of a perfect frame, ``nan`` of a skipped baseline) is ``null``, since JSON
+  has no such numbers. Nothing timed goes here, so two runs of the same pipeline give the same file.
+* ``runtime.json``: inference seconds per test set (and per frame), the timed part.
+* ``curves/train.csv`` (step, stage, iter, loss, lr) and ``curves/val.csv`` (step, stage, iter,
+  val_*): the training logs as DVC plot data; `step` counts on across stages.
 * ``per_clip.csv``: test_set, clip, frames, psnr, ssim, bicubic_psnr, bicubic_ssim.
 * ``benchmark.md``: this run's numbers, then the SPEC 5 table of published numbers with ours and
   bicubic beside them, then the plots.
@@ -102,9 +105,14 @@ def metrics_dict(results: Mapping[str, TestResult], model_info: Mapping[str, Any
             "ssim_gain": _finite(r.ssim - r.bicubic_ssim),
             "clips": len(r.clips),
             "frames": r.frames,
-            "seconds": round(r.seconds, 3),
         }
     return {"test_sets": sets, "model": dict(model_info)}
+
+
+def runtime_dict(results: Mapping[str, TestResult]) -> dict[str, Any]:
+    """The runtime.json content: wall seconds of inference, kept apart from the reproducible metrics."""
+    return {name: {"seconds": round(r.seconds, 3), "frames": r.frames,
+                   "seconds_per_frame": round(r.seconds / max(r.frames, 1), 4)} for name, r in results.items()}  # fmt: skip
 
 
 def per_clip_csv(results: Mapping[str, TestResult]) -> str:
@@ -219,6 +227,35 @@ def _series(logs: Sequence[Path], key: str) -> dict[str, tuple[list[float], list
             xs.append(float(it))
             ys.append(float(value))
     return out
+
+
+def curves_csv(logs: Sequence[Path]) -> tuple[str, str]:
+    """(train.csv, val.csv) text of the logs, stages in order, `step` continuing across stages."""
+    train, val = io.StringIO(), io.StringIO()
+    tw, vw = csv.writer(train, lineterminator="\n"), csv.writer(val, lineterminator="\n")
+    tw.writerow(["step", "stage", "iter", "loss", "lr"])
+    val_keys: list[str] = []
+    val_rows: list[list[Any]] = []
+    offset, last, current = 0, 0, None
+    for path in logs:
+        for rec in read_train_log(path):
+            it = rec.get("iter")
+            if not isinstance(it, int):
+                continue
+            stage = rec.get("stage", Path(path).parent.name)
+            if stage != current:  # the next stage's iterations go on from the last one's end
+                offset, last, current = offset + last, 0, stage
+            last = max(last, it)
+            if isinstance(rec.get("loss"), (int, float)):
+                tw.writerow([offset + it, stage, it, rec["loss"], rec.get("lr", "")])
+            vals = {k: v for k, v in rec.items() if k.startswith("val_") and isinstance(v, (int, float))}
+            if vals:
+                val_keys += [k for k in sorted(vals) if k not in val_keys]
+                val_rows.append([offset + it, stage, it, vals])
+    vw.writerow(["step", "stage", "iter", *val_keys])
+    for step, stage, it, vals in val_rows:
+        vw.writerow([step, stage, it, *(vals.get(k, "") for k in val_keys)])
+    return train.getvalue(), val.getvalue()
 
 
 def plot_curve(logs: Sequence[Path], key: str, ylabel: str, path: Path, log_y: bool = False) -> Path | None:
@@ -356,10 +393,15 @@ def write_reports(
             plots.append(p)
 
     atomic_write_json(out_dir / "metrics.json", metrics_dict(results, model_info))
+    atomic_write_json(out_dir / "runtime.json", runtime_dict(results))
+    train_csv, val_csv = curves_csv(list(train_logs))
+    atomic_write_text(out_dir / "curves" / "train.csv", train_csv)
+    atomic_write_text(out_dir / "curves" / "val.csv", val_csv)
     atomic_write_text(out_dir / "per_clip.csv", per_clip_csv(results))
     atomic_write_text(out_dir / "benchmark.md", benchmark_markdown(results, model_info, plots, out_dir))
     written.update(metrics=out_dir / "metrics.json", per_clip=out_dir / "per_clip.csv",
-                   benchmark=out_dir / "benchmark.md")  # fmt: skip
+                   benchmark=out_dir / "benchmark.md", runtime=out_dir / "runtime.json",
+                   train_curve=out_dir / "curves" / "train.csv", val_curve=out_dir / "curves" / "val.csv")  # fmt: skip
     return written
 
 
@@ -367,8 +409,10 @@ __all__ = [
     "PAPER_ROWS",
     "benchmark_markdown",
     "choose_crop",
+    "curves_csv",
     "metrics_dict",
     "per_clip_csv",
+    "runtime_dict",
     "plot_crops",
     "plot_curve",
     "plot_per_clip",

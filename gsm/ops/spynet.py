@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from gsm.io import sha256_file
 from gsm.ops.flow import flow_warp
 
 __all__ = ["BasicModule", "SpyNet", "compute_flows"]
@@ -190,14 +191,6 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("GSM_CACHE") or Path.home() / ".cache" / "gsm")
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _check_digest(name: str, actual: str, sha256: str | None) -> None:
     """Raise if ``actual`` contradicts the explicit digest or the name's hash suffix."""
     if sha256 is not None:
@@ -255,7 +248,7 @@ def _resolve_weights(weights: str, sha256: str | None) -> Path:
         dest = _cache_dir() / name
         if dest.is_file():
             try:
-                _check_digest(name, _sha256_file(dest), sha256)
+                _check_digest(name, sha256_file(dest), sha256)
                 return dest
             except ValueError:
                 pass  # stale or corrupt cache entry: fetch again
@@ -267,5 +260,5 @@ def _resolve_weights(weights: str, sha256: str | None) -> Path:
         path = Path(weights).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"SpyNet weights not found: {path}")
-    _check_digest(path.name, _sha256_file(path), sha256)
+    _check_digest(path.name, sha256_file(path), sha256)
     return path

@@ -11,6 +11,9 @@ an untrusted source cannot run code when loaded.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import os
 import random
 import tempfile
@@ -125,6 +128,20 @@ def weights_of(state: dict[str, Any], use_ema: bool = True) -> dict[str, torch.T
     """The EMA state dict when present and wanted (the weights evaluated and served), else the model's."""
     ema = state.get("ema")
     return ema if use_ema and isinstance(ema, dict) else state["model"]
+
+
+def serving_digest(path: Path) -> str:
+    """sha256 of a checkpoint's network config and serving weights (EMA when present).
+
+    The identity of "the model that was scored": unlike the file's own hash it does not change
+    with what else the file holds (timings, run ids), so two identical trainings give the same one.
+    """
+    state = load_checkpoint(path)
+    h = hashlib.sha256(json.dumps(state.get("config"), sort_keys=True).encode())
+    for key, tensor in sorted(weights_of(state).items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def load_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], path: Path | str) -> None:

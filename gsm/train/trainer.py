@@ -14,11 +14,12 @@ out_dir must be on a filesystem every node sees, since all ranks resume from the
 from __future__ import annotations
 
 import datetime
+import logging
 import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,7 +60,10 @@ from gsm.train.optim import (
     set_flow_trainable,
     set_lrs,
 )
+from gsm.tracking import TrackingTarget, sha256_file
 from gsm.train.tracking import MetricsFile, MlflowRun, tracking_uri_from_env, truncate_metrics
+
+log = logging.getLogger(__name__)
 
 Validate = Callable[[nn.Module], dict[str, float]]
 
@@ -177,6 +181,11 @@ def train_stage(
     device: str = "auto",
     progress: bool = True,
     tracking_uri: str | None = None,
+    restart_on_change: bool = False,
+    inputs: Mapping[str, str] | None = None,
+    tracking: TrackingTarget | None = None,
+    run_params: Mapping[str, str] | None = None,
+    params_snapshot: str | None = None,
 ) -> TrainResult:
     """Train (or resume, or just report a finished) stage into out_dir.
 
@@ -185,13 +194,26 @@ def train_stage(
     runs every val_every iterations and at the end, on the EMA weights when EMA is on; its entries
     are logged as val_<name>. `init_from` (a checkpoint, see config.resolve_init) seeds a fresh run
     with its EMA (else model) weights; a run with a last.pt resumes from it instead.
-    `tracking_uri` (else $MLFLOW_TRACKING_URI) turns on MLflow: experiment "gsm-vsr", one run per
-    stage, resumed with the checkpoint.
+    `tracking` (a resolved store, see gsm.tracking.tracking_target), else `tracking_uri`, else
+    $MLFLOW_TRACKING_URI turns on MLflow: one run per stage, resumed with the checkpoint, holding
+    the model and stage config (plus `run_params`, e.g. the data profile) as params, every
+    iteration's loss and lr, the validations, provenance tags (git commit, dvc.lock's sha256), and
+    as artifacts `params_snapshot` (the whole params file as loaded) and metrics.jsonl.
+    `inputs`: fingerprints of what the run is made from besides params (the data; `init_from`'s
+    file is added here), stored in the checkpoint: a run only resumes on the same inputs.
+    `restart_on_change`: a last.pt written with other settings (network, recipe, seed, inputs) is deleted
+    and the stage starts over, instead of the default error. Pipelines use it: they rerun a stage
+    precisely because its params changed, and the old run is then obsolete.
     """
+    if tracking is None:
+        uri = tracking_uri_from_env(tracking_uri)
+        tracking = TrackingTarget.from_uri(uri) if uri is not None else None
     d, dev = _init_distributed(resolve_device(device, "train.device"))
     try:
         return _train(stage, cfg, model_cfg, train_set, Path(out_dir), seed=seed, validate=validate,
-                      init_from=init_from, device=dev, progress=progress, tracking_uri=tracking_uri, d=d)
+                      init_from=init_from, device=dev, progress=progress, tracking=tracking,
+                      run_params=dict(run_params or {}), params_snapshot=params_snapshot,
+                      restart_on_change=restart_on_change, inputs=inputs, d=d)
     finally:
         if d.owns_group:
             dist.destroy_process_group()
@@ -200,7 +222,8 @@ def train_stage(
 def _train(
     stage: str, cfg: StageConfig, model_cfg: GSMConfig, train_set: Dataset[Any], out_dir: Path, *, seed: int,
     validate: Validate | None, init_from: Path | None, device: torch.device, progress: bool,
-    tracking_uri: str | None, d: _Dist,
+    tracking: TrackingTarget | None, run_params: dict[str, str], params_snapshot: str | None,
+    restart_on_change: bool, inputs: Mapping[str, str] | None, d: _Dist,
 ) -> TrainResult:
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path, metrics_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt", out_dir / "metrics.jsonl"
@@ -209,9 +232,24 @@ def _train(
     EpochSampler(n_items, cfg.batch_size, seed=seed, epoch=0, rank=d.rank, world_size=d.world_size)
     n_batches = batches_per_epoch(n_items, cfg.batch_size)
 
+    # What the run is made from besides params: a resumed run must have been made from the same.
+    made_from = dict(inputs or {})
+    if init_from is not None:
+        made_from["init_from"] = sha256_file(init_from)
     resume = load_checkpoint(last_path) if last_path.is_file() else None
+    if resume is not None and restart_on_change and d.main:
+        try:
+            _check_resumable(resume, stage, cfg, model_cfg, seed, made_from, last_path)
+        except ValueError as exc:
+            log.warning("%s; starting %s over", exc, out_dir)
+            shutil.rmtree(ckpt_dir)
+            metrics_path.unlink(missing_ok=True)
+            resume = None
+    _barrier(d)
+    if restart_on_change and d.world_size > 1:  # the other ranks follow rank 0's decision
+        resume = load_checkpoint(last_path) if last_path.is_file() else None
     if resume is not None:
-        _check_resumable(resume, stage, cfg, model_cfg, seed, last_path)
+        _check_resumable(resume, stage, cfg, model_cfg, seed, made_from, last_path)
         if int(resume["data"].get("items", n_items)) != n_items:
             raise ValueError(f"{last_path} was written while training on {resume['data']['items']} items, "
                              f"the train set now has {n_items}: the data stream would not continue")
@@ -257,15 +295,18 @@ def _train(
 
     metrics: MetricsFile | None = None
     mlrun: MlflowRun | None = None
-    uri = tracking_uri_from_env(tracking_uri)
     if d.main:
         remove_stale_temps(ckpt_dir)
         truncate_metrics(metrics_path, stage, start)
         metrics = MetricsFile(metrics_path)
-        if uri is not None:
+        if tracking is not None:
             params = {**flat_params("model", model_cfg.to_dict()), **flat_params(f"train.{stage}", to_mapping(cfg)),
-                      "train.seed": str(seed), "world_size": str(d.world_size)}
-            mlrun = MlflowRun(uri, stage, params, run_id)
+                      "train.seed": str(seed), "world_size": str(d.world_size), **run_params}
+            if resume is None and init_from is not None:
+                params["init_from"] = str(init_from)
+            mlrun = MlflowRun(tracking, stage, params, run_id)
+            if params_snapshot is not None and mlrun.run_id != run_id:  # a new run, not a resumed one
+                mlrun.log_text(params_snapshot, "params.yaml")
             run_id = mlrun.run_id
 
     def state(it: int) -> dict[str, Any]:
@@ -279,6 +320,7 @@ def _train(
                           "flow_lr_mult": cfg.flow_lr_mult, "fix_flow": cfg.fix_flow,
                           "lrs": [g["lr"] for g in optimizer.param_groups]},
             "rng": rng_state(), "data": {"epoch": epoch, "batch": batch_pos, "seed": seed, "items": n_items},
+            "made_from": made_from,
             "mlflow_run_id": run_id,
         }
 
@@ -371,7 +413,7 @@ def _train(
             metrics.flush()
             metrics.close()
         if mlrun is not None:
-            mlrun.close(status)
+            mlrun.close(status, artifacts=(metrics_path,))
     return result(it)
 
 
@@ -383,14 +425,16 @@ def _flush(metrics: MetricsFile | None, mlrun: MlflowRun | None) -> None:
 
 
 def _check_resumable(state: dict[str, Any], stage: str, cfg: StageConfig, model_cfg: GSMConfig, seed: int,
-                     path: Path) -> None:
-    """A checkpoint only resumes the run that wrote it: same stage, network, recipe and seed."""
+                     made_from: Mapping[str, str], path: Path) -> None:
+    """A checkpoint only resumes the run that wrote it: same stage, network, recipe, seed and inputs."""
     if state.get("stage") != stage:
         raise ValueError(f"{path} belongs to stage {state.get('stage')!r}, not {stage!r}: use another out_dir")
     check_compatible(state["config"], model_cfg, path)
     diffs = stage_differences(state.get("train_config") or {}, cfg)
     if state.get("seed") != seed:
         diffs.append(f"seed {state.get('seed')!r} != {seed!r}")
+    before = state.get("made_from") or {}
+    diffs += [f"{k} changed" for k in sorted(set(before) | set(made_from)) if before.get(k) != made_from.get(k)]
     if diffs:
         raise ValueError(
             f"{path} was written with different train.{stage} settings: {', '.join(diffs)}; "

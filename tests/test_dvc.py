@@ -1,0 +1,144 @@
+"""The DVC pipeline itself (dvc.yaml as committed), run by `dvc` on the tiny profile in a temporary
+git + DVC copy of the project: every stage runs, a rerun skips all, a param change reruns exactly
+the stages downstream of it, two clean runs score the same, and metrics/params/plots/experiments
+commands work on it."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO, merged, tiny_params_dict
+
+ALL = ["download", "degrade", "pack", "train_reds", "finetune_vimeo", "evaluate", "register", "model_report"]
+
+
+class Project:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        bin_dir = str(Path(sys.executable).parent)  # `gsm` and `dvc` of this interpreter's venv
+        self.env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                    "DVC_NO_ANALYTICS": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
+                    "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+                    "GIT_COMMITTER_EMAIL": "t@t"}  # fmt: skip
+        self.env.pop("MLFLOW_TRACKING_URI", None)  # the params' embedded store, inside the copy
+
+    def run(self, *args: str) -> str:
+        r = subprocess.run(list(args), cwd=self.root, env=self.env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, f"{' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r.stdout + r.stderr
+
+    def repro(self) -> list[str]:
+        """Names of the stages that ran."""
+        return re.findall(r"Running stage '([^']+)'", self.run("dvc", "repro"))
+
+    def set_param(self, dotted: str, value: object) -> None:
+        params = yaml.safe_load((self.root / "params.yaml").read_text())
+        *path, last = dotted.split(".")
+        node = params
+        for key in path:
+            node = node[key]
+        node[last] = value
+        (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    def metrics(self) -> dict[str, object]:
+        return json.loads((self.root / "reports" / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    root = tmp_path_factory.mktemp("dvc_project")
+    shutil.copytree(REPO / "gsm", root / "gsm", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    params = tiny_params_dict(root)
+    params["data"]["root"] = "data"  # relative, as in the real params.yaml
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p = Project(root)
+    p.run("git", "init", "-q")
+    p.run("dvc", "init", "-q")
+    p.run("git", "add", "-A")
+    p.run("git", "commit", "-qm", "tiny project")
+    yield p
+
+
+def test_repro_runs_all_then_nothing_and_is_reproducible(project: Project) -> None:
+    assert project.repro() == ALL
+    first = project.metrics()
+    assert set(first["test_sets"]) == {"quickstart-REDS", "quickstart-Vimeo"}  # type: ignore[arg-type]
+    assert project.repro() == []  # everything up to date
+    assert "Data and pipelines are up to date" in project.run("dvc", "status")
+
+    # From a clean state again: the same scores, to the last digit.
+    for out in ("data", "runs", "reports", ".dvc/cache"):  # the cache too: its run-cache would restore outputs
+        shutil.rmtree(project.root / out)
+    assert project.repro() == ALL
+    assert project.metrics() == first
+    registry = json.loads((project.root / "reports" / "registry.json").read_text())
+    assert (registry["version"], registry["reused"]) == (1, True)  # the same weights: the same version
+
+
+def test_param_changes_rerun_exactly_downstream(project: Project) -> None:
+    project.repro()
+    project.set_param("eval.max_clips", 2)
+    assert "eval.max_clips" in project.run("dvc", "params", "diff")
+    assert project.repro() == ["evaluate", "register"]
+
+    project.set_param("train.vimeo.lr", 5.0e-4)
+    assert project.repro() == ["finetune_vimeo", "evaluate", "register"]
+
+    project.set_param("data.png_level", 3)  # same pixels in the LMDBs: training need not rerun
+    assert project.repro() == ["pack"]
+
+    project.set_param("data.quickstart.reds_gap", 3)  # other frames: everything after download
+    assert project.repro() == ["download", "degrade", "pack", "train_reds", "finetune_vimeo", "evaluate", "register"]
+
+    project.set_param("mlflow.gate_tolerance", 0.5)
+    assert project.repro() == ["register"]
+
+
+def test_metrics_plots_and_experiments(project: Project) -> None:
+    project.repro()
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "baseline")
+    shown = json.loads(project.run("dvc", "metrics", "show", "--json"))
+    metrics = shown[""]["data"]["reports/metrics.json"]["data"]
+    assert metrics["test_sets"]["quickstart-REDS"]["psnr"] > 0
+
+    plots = json.loads(project.run("dvc", "plots", "show", "--json"))["data"]
+    losses = plots["reports/curves/train.csv"][0]["content"]["data"]["values"]
+    assert [(r["step"], r["stage"]) for r in losses][2:4] == [("3", "reds"), ("4", "vimeo")]
+    assert any("val_psnr" in r for r in plots["reports/curves/val.csv"][0]["content"]["data"]["values"])
+    assert any(k.startswith("reports/plots/") and k.endswith(".png") for k in plots)
+
+    # An ablation as an experiment: only the training stages and their downstream rerun.
+    log = project.run("dvc", "exp", "run", "-n", "no-scatter", "-S", "model.scatter=false")
+    ran = re.findall(r"Running stage '([^']+)'", log)
+    assert ran == ["train_reds", "finetune_vimeo", "evaluate", "register", "model_report"]
+    table = project.run("dvc", "exp", "show", "--no-pager", "--csv")
+    assert "no-scatter" in table and "model.scatter" in table
+
+
+@pytest.mark.parametrize("params_file", ["params.yaml", "configs/paper.yaml"])
+def test_params_files_hold_every_key_dvc_tracks(params_file: str) -> None:
+    """`dvc repro` refuses a params file missing a tracked key; both profiles must parse."""
+    from gsm.params import load_params
+
+    raw = yaml.safe_load((REPO / params_file).read_text())
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        for dotted in stage.get("params", []):
+            node = raw
+            for key in dotted.split("."):
+                assert isinstance(node, dict) and key in node, f"{params_file}: {dotted} (stage {name})"
+                node = node[key]
+    p = load_params(REPO / params_file)
+    assert p.data.profile == ("quickstart" if params_file == "params.yaml" else "paper")
