@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 @app.callback()
 def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log backend choices.")) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
+    # MLflow logs store migrations and model checks at INFO; commands print their own summary line.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
 
 
 @app.command("model-report")
@@ -106,14 +109,15 @@ def _load(params: Path) -> Any:
 @one_line_errors
 def prepare(
     params: Path = typer.Option(Path("params.yaml"), help="params file: its `data` and `sources` sections"),
+    step: list[str] = typer.Option([], "--step", help="download, degrade or pack (repeatable; default: all three)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Data stage: quickstart frames or the paper's datasets, degraded and packed; writes the manifest."""
-    from gsm.data.prepare import prepare_data
+    from gsm.data.prepare import STEPS, prepare_data
 
     p = _load(params)
-    path = prepare_data(p.data, p.sources, progress=progress)
-    typer.echo(f"{p.data.profile} data ready: {path}")
+    path = prepare_data(p.data, p.sources, steps=tuple(step) or STEPS, progress=progress)
+    typer.echo(f"{p.data.profile} data, {', '.join(step) or 'all steps'} done: {path}")
 
 
 @app.command()
@@ -162,7 +166,10 @@ def train(
     stage: str = typer.Option(..., help="reds (pretraining) or vimeo (finetuning from reds)"),
     params: Path = typer.Option(Path("params.yaml"), help="params file: `model`, `data`, `train`, `eval`"),
     runs: Path = typer.Option(Path("runs"), help="runs folder: <runs>/<stage>/checkpoints, metrics.jsonl"),
-    tracking_uri: str | None = typer.Option(None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI)"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow store (default: $MLFLOW_TRACKING_URI, "
+                                                       "else params' mlflow.tracking_uri)"),
+    restart_on_change: bool = typer.Option(False, "--restart-on-change",
+                                           help="start over when last.pt was written with other settings"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
 ) -> None:
     """Train one stage (resumes from its last checkpoint; a finished stage returns at once)."""
@@ -170,7 +177,8 @@ def train(
 
     if stage not in ("reds", "vimeo"):
         raise ValueError(f"--stage must be reds or vimeo, got {stage!r}")
-    r = stages.train(_load(params), stage, runs, progress=progress, tracking_uri=tracking_uri)  # type: ignore[arg-type]
+    r = stages.train(_load(params), stage, runs, restart_on_change=restart_on_change, progress=progress,  # type: ignore[arg-type]
+                     tracking_uri=tracking_uri)
     loss = "n/a" if r.final_loss is None else f"{r.final_loss:.5f}"
     typer.echo(f"{stage}: {r.iterations} iterations (resumed at {r.resumed_from}), last loss {loss}; {r.last}")
 
@@ -182,12 +190,14 @@ def evaluate(
     model: Path | None = typer.Option(None, "--model", help="checkpoint (default: the last trained stage's last.pt)"),
     runs: Path = typer.Option(Path("runs"), help="runs folder (checkpoints and training logs for the plots)"),
     out: Path = typer.Option(Path("reports"), help="folder for metrics.json, per_clip.csv, benchmark.md, plots/"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow store (default: $MLFLOW_TRACKING_URI, "
+                                                       "else params' mlflow.tracking_uri)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Benchmarks (REDS4, Vimeo-90K-T, Vid4, or the quickstart's) with the bicubic baseline; reports."""
     from gsm import stages
 
-    results = stages.evaluate(_load(params), model, runs, out, progress=progress)
+    results = stages.evaluate(_load(params), model, runs, out, progress=progress, tracking_uri=tracking_uri)
     for name, r in results.items():
         typer.echo(f"{name}: {r.psnr:.2f} dB / {r.ssim:.4f} (bicubic {r.bicubic_psnr:.2f} dB / {r.bicubic_ssim:.4f})")
     typer.echo(f"wrote {out / 'metrics.json'}, {out / 'benchmark.md'}")
@@ -199,7 +209,8 @@ def upscale(
     input: Path = typer.Argument(..., help="video file, folder of frames, or a single image"),
     # str, not Path: a Path drops the trailing "/" that asks for a PNG folder.
     output: str = typer.Argument(..., help="video (.mp4 .avi .mkv .mov .m4v) or PNG folder (other names, or ending in /)"),
-    model: Path = typer.Option(..., "--model", "-m", help="training checkpoint (runs/<stage>/checkpoints/last.pt)"),
+    model: str = typer.Option(..., "--model", "-m", help="training checkpoint (runs/<stage>/checkpoints/last.pt) "
+                              "or registered model (models:/gsm-vsr@champion, models:/gsm-vsr/3, runs:/...)"),
     chunk: int = typer.Option(32, min=1, help="frames the network sees at once (memory grows with it)"),
     chunk_overlap: int = typer.Option(4, min=0, help="frames shared by consecutive chunks, cross-faded"),
     tile: int | None = typer.Option(None, min=1, help="LR tile side in pixels (default: whole frames)"),
@@ -209,14 +220,51 @@ def upscale(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights when the checkpoint has them"),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA when available)"),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (CUDA only)"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow store resolving models:/ URIs (default: "
+                                                       "$MLFLOW_TRACKING_URI, else --params' mlflow.tracking_uri)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file, read for its `mlflow` section (models:/ URIs)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
 ) -> None:
-    """Upscale a video or frame folder x4 with a trained checkpoint, streaming in overlapping chunks."""
-    from gsm.serve.upscale import upscale_from_checkpoint
+    """Upscale a video or frame folder x4 with a checkpoint or a registered model, streaming in chunks."""
+    kwargs: dict[str, Any] = dict(chunk=chunk, chunk_overlap=chunk_overlap, tile=tile, tile_overlap=tile_overlap,
+                                  fps=fps, overwrite=overwrite, device=device, bf16=bf16, progress=progress)
+    from gsm.registry.uri import is_model_uri
 
-    s = upscale_from_checkpoint(model, input, output, use_ema=ema, chunk=chunk, chunk_overlap=chunk_overlap,
-                                tile=tile, tile_overlap=tile_overlap, fps=fps, overwrite=overwrite,
-                                device=device, bf16=bf16, progress=progress)  # fmt: skip
+    if is_model_uri(model):
+        from gsm.registry.uri import upscale_from_uri
+        from gsm.tracking import MlflowConfig, tracking_target
+
+        if not ema:
+            raise ValueError("--no-ema applies to checkpoints: a registered model holds only its serving weights")
+        cfg = _load(params).mlflow if params.is_file() else MlflowConfig()
+        target = tracking_target(cfg, tracking_uri)
+        if target is None:
+            raise ValueError(f"{model}: no MLflow store to resolve it (mlflow.tracking_uri is null in {params}); "
+                             f"pass --tracking-uri")  # fmt: skip
+        s = upscale_from_uri(model, target.uri, input, output, **kwargs)
+    else:
+        from gsm.serve.upscale import upscale_from_checkpoint
+
+        s = upscale_from_checkpoint(model, input, output, use_ema=ema, **kwargs)
     rate = f" at {s.fps:g} fps" if s.fps else ""
     typer.echo(f"wrote {s.output}: {s.frames} frames {s.output_size[0]}x{s.output_size[1]}{rate} "
                f"from {s.input_size[0]}x{s.input_size[1]}, {s.seconds:.1f} s ({s.frames_per_s:.2f} frames/s)")
+
+
+@app.command()
+@one_line_errors
+def register(
+    params: Path = typer.Option(Path("params.yaml"), help="params file: `mlflow` (store, model name, gate) and `data`"),
+    runs: Path = typer.Option(Path("runs"), help="runs folder (default checkpoint: the last trained stage's last.pt)"),
+    reports: Path = typer.Option(Path("reports"), help="folder with metrics.json; registry.json is written there"),
+    model: Path | None = typer.Option(None, "--model",
+                                      help="checkpoint to register (must be the one metrics.json scores)"),
+    tracking_uri: str | None = typer.Option(None, help="MLflow store (default: $MLFLOW_TRACKING_URI, "
+                                                       "else params' mlflow.tracking_uri)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+) -> None:
+    """Register the evaluated checkpoint in MLflow; `champion` moves to it only if it beats the champion."""
+    from gsm import stages
+
+    r = stages.register(_load(params), runs, reports, checkpoint=model, progress=progress, tracking_uri=tracking_uri)
+    typer.echo(f"{r.model_name} version {r.version}: {r.alias or 'no alias'} ({r.reason}); {r.model_uri}")

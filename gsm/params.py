@@ -9,11 +9,46 @@ from typing import Any
 
 import yaml
 
+from gsm.configs import from_mapping
 from gsm.data.prepare import DataConfig
 from gsm.data.sources import DEFAULT_SOURCES, Source, sources_from_dict
 from gsm.eval.config import EvalConfig
 from gsm.models.config import GSMConfig
+from gsm.tracking import MlflowConfig
 from gsm.train.config import TrainConfig
+
+
+@dataclass(frozen=True)
+class PrefectConfig:
+    """The Prefect flows (pipelines/): the retrain schedule, download retries, stage caching."""
+
+    retrain_cron: str = "0 3 * * 1"  # when the `retrain` deployment runs (cron, in `timezone`)
+    timezone: str = "UTC"  # IANA name, e.g. Europe/Berlin
+    deployment_name: str = "gsm-retrain"
+    download_retries: int = 2  # task-level retries of the download stage (on top of data.download_retries)
+    retry_delay_s: float = 60.0
+    cache: bool = True  # skip stages whose params, inputs and code are unchanged since a run
+
+    def __post_init__(self) -> None:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        if len(self.retrain_cron.split()) != 5:
+            raise ValueError(f"prefect.retrain_cron must have 5 fields (min hour day month weekday), "
+                             f"got {self.retrain_cron!r}")  # fmt: skip
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"prefect.timezone: unknown time zone {self.timezone!r} (IANA, e.g. UTC)") from None
+        if not self.deployment_name.strip():
+            raise ValueError("prefect.deployment_name must not be empty")
+        if self.download_retries < 0:
+            raise ValueError(f"prefect.download_retries must be >= 0, got {self.download_retries}")
+        if self.retry_delay_s < 0:
+            raise ValueError(f"prefect.retry_delay_s must be >= 0, got {self.retry_delay_s}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "prefect") -> PrefectConfig:
+        return from_mapping(cls, values, where)
 
 
 @dataclass(frozen=True)
@@ -23,6 +58,8 @@ class Params:
     sources: dict[str, Source] = field(default_factory=lambda: dict(DEFAULT_SOURCES))
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    prefect: PrefectConfig = field(default_factory=PrefectConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
 _SECTIONS: dict[str, Callable[[Any, str], Any]] = {
@@ -31,6 +68,8 @@ _SECTIONS: dict[str, Callable[[Any, str], Any]] = {
     "sources": sources_from_dict,
     "train": TrainConfig.from_dict,
     "eval": EvalConfig.from_dict,
+    "prefect": PrefectConfig.from_dict,
+    "mlflow": MlflowConfig.from_dict,
 }
 
 
@@ -63,3 +102,10 @@ def load_params(path: str | Path) -> Params:
         return parse_params(raw)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+def params_yaml(p: Params) -> str:
+    """The params as YAML, every default filled in: what a run logs as its params.yaml artifact."""
+    from gsm.configs import to_mapping
+
+    return yaml.safe_dump(to_mapping(p), sort_keys=False)

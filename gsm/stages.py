@@ -6,26 +6,64 @@ nothing else, so any of them can be rerun alone and a finished stage costs secon
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from gsm.data.catalog import eval_sets, train_stores
 from gsm.data.prepare import read_manifest
 from gsm.eval.protocols import TestResult, make_validator
 from gsm.ops.backend import resolve_device
-from gsm.params import Params
+from gsm.params import Params, params_yaml
+from gsm.tracking import TrackingTarget, mlflow_errors, tracking_target
 from gsm.train.config import STAGES, resolve_init
 from gsm.train.data import reds_train_set, vimeo_train_set
 from gsm.train.trainer import TrainResult, train_stage
 
+if TYPE_CHECKING:
+    from gsm.registry.register import RegisterResult
+
 Stage = Literal["reds", "vimeo"]
 
 
-def train(p: Params, stage: Stage, runs: Path, *, progress: bool = True, tracking_uri: str | None = None) -> TrainResult:
+def download(p: Params, *, progress: bool = True) -> Path:
+    """Stage 1: the source frames (quickstart: decoded from the bundled videos; paper: fetched and
+    unpacked archives). Returns the stage's output folder, `<data.root>/<profile>/source`."""
+    from gsm.data.prepare import download_data
+
+    return download_data(p.data, p.sources, progress=progress)
+
+
+def degrade(p: Params, *, progress: bool = True) -> Path:
+    """Stage 2: LR frames made here (BI, and BD for Vid4) from the downloaded GT; `<profile>/lr`."""
+    from gsm.data.prepare import degrade_data
+
+    return degrade_data(p.data, p.sources, progress=progress)
+
+
+def pack(p: Params, *, progress: bool = True) -> Path:
+    """Stage 3: LMDBs of the GT and LR trees and the data manifest; returns the manifest's path."""
+    from gsm.data.prepare import pack_data
+
+    return pack_data(p.data, p.sources, progress=progress)
+
+
+def train(
+    p: Params, stage: Stage, runs: Path, *, init_from: Path | None = None, restart_on_change: bool = False,
+    progress: bool = True, tracking_uri: str | None = None,
+) -> TrainResult:
     """Train (or resume, or skip when finished) one stage on the prepared data of `p.data.profile`.
+
+    `init_from` (a checkpoint) overrides the stage's `init_from` param: the retrain flow starts
+    the finetuning from the registry's champion this way. `restart_on_change`: see train_stage
+    (DVC and Prefect rerun a stage because its params changed; the old run is then obsolete).
 
     Validation (every `val_every` iterations and at the end) runs on the stage's own benchmark:
     REDS4 for REDS, Vimeo-90K-T for Vimeo, as the field reports them; `val_every` > `iters` skips it.
+
+    MLflow: `tracking_uri` > $MLFLOW_TRACKING_URI > `mlflow.tracking_uri` (null: off); the run
+    gets the data profile as params and the whole params as a params.yaml artifact.
     """
     manifest = read_manifest(p.data)
     cfg = p.train.stage(stage)
@@ -39,11 +77,21 @@ def train(p: Params, stage: Stage, runs: Path, *, progress: bool = True, trackin
         validate = make_validator(eval_sets(manifest, stage)[0], e.tile, e.tile_overlap,
                                   resolve_device(e.device, "eval.device"), chunk=e.chunk,
                                   chunk_overlap=e.chunk_overlap, max_clips=e.max_clips)  # fmt: skip
-    return train_stage(
-        stage, cfg, p.model, dataset, Path(runs) / stage, seed=p.train.seed, validate=validate,
-        init_from=resolve_init(cfg.init_from, runs), device=p.train.device, progress=progress,
-        tracking_uri=tracking_uri,
-    )  # fmt: skip
+    tracking = tracking_target(p.mlflow, tracking_uri)
+    with mlflow_errors(tracking.uri if tracking else None):
+        return train_stage(
+            stage, cfg, p.model, dataset, Path(runs) / stage, seed=p.train.seed, validate=validate,
+            init_from=init_from or resolve_init(cfg.init_from, runs), device=p.train.device, progress=progress,
+            restart_on_change=restart_on_change, inputs={"data": data_fingerprint(manifest, stage)},
+            tracking=tracking, params_snapshot=params_yaml(p),
+            run_params={"data.profile": p.data.profile, "data.backend": p.data.backend},
+        )  # fmt: skip
+
+
+def data_fingerprint(manifest: dict[str, Any], stage: Stage) -> str:
+    """sha256 of what the manifest says about a stage's data (which includes what it was made from)."""
+    text = json.dumps({"made_from": manifest.get("made_from"), "data": manifest[stage]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def final_checkpoint(runs: Path) -> Path:
@@ -56,16 +104,93 @@ def final_checkpoint(runs: Path) -> Path:
 
 
 def evaluate(
-    p: Params, checkpoint: Path | None, runs: Path, out: Path, *, progress: bool = True
+    p: Params, checkpoint: Path | None, runs: Path, out: Path, *, progress: bool = True,
+    tracking_uri: str | None = None,
 ) -> dict[str, TestResult]:
-    """Score a checkpoint (default: the final stage's) on every benchmark the data has; write reports/."""
+    """Score a checkpoint (default: the final stage's) on every benchmark the data has; write reports/.
+
+    metrics.json records the checkpoint's serving digest (gsm.train.checkpoint.serving_digest), so
+    `register` can tell which weights it scores.
+    With tracking on (as for `train`), one MLflow run "evaluate" logs the eval params, each test
+    set's scores and the reports as artifacts.
+    """
     from gsm.eval.stage import run_evaluation
-    from gsm.train.checkpoint import load_model
+    from gsm.train.checkpoint import load_model, serving_digest
 
     manifest = read_manifest(p.data)
     ckpt = checkpoint or final_checkpoint(runs)
     model = load_model(ckpt)
     sets = [s for kind in ("reds", "vimeo", "vid4") if manifest.get(kind) for s in eval_sets(manifest, kind)]
     logs = [Path(runs) / s / "metrics.jsonl" for s in STAGES if (Path(runs) / s / "metrics.jsonl").is_file()]
-    return run_evaluation(model, sets, p.eval, out, train_logs=logs,
-                          info={"checkpoint": str(ckpt), "profile": p.data.profile}, progress=progress)  # fmt: skip
+    info = {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": p.data.profile}
+    results = run_evaluation(model, sets, p.eval, out, train_logs=logs, info=info, progress=progress)
+    target = tracking_target(p.mlflow, tracking_uri)
+    if target is not None:
+        with mlflow_errors(target.uri):
+            _log_evaluation(target, p, info, Path(out))
+    return results
+
+
+def _log_evaluation(target: TrackingTarget, p: Params, info: dict[str, str], out: Path) -> str:
+    """The evaluate run: eval params, `<set>.<score>` metrics from metrics.json, the reports."""
+    import json
+
+    from gsm.configs import to_mapping
+    from gsm.tracking import log_finished_run
+    from gsm.train.config import flat_params
+
+    scores = json.loads((out / "metrics.json").read_text())["test_sets"]
+    metrics = {f"{name}.{key}": float(v) for name, row in scores.items() for key, v in row.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
+    params = {**flat_params("eval", to_mapping(p.eval)), **info}
+    names = ("metrics.json", "benchmark.md", "per_clip.csv", "runtime.json", "plots", "curves")  # those written
+    artifacts = tuple(out / n for n in names)
+    return log_finished_run(target, "evaluate", params=params, metrics=metrics, artifacts=artifacts,
+                            tags={"profile": p.data.profile})  # fmt: skip
+
+
+def register(
+    p: Params, runs: Path, reports: Path, *, checkpoint: Path | None = None, progress: bool = True,
+    tracking_uri: str | None = None,
+) -> RegisterResult:
+    """Register the evaluated checkpoint (default: the final stage's) as a version of `mlflow.model_name`.
+
+    reports/metrics.json must score that checkpoint; the alias `champion` moves to the new version
+    only when its `mlflow.gate_metric` on `mlflow.gate_set` beats the champion's by more than
+    `mlflow.gate_tolerance`, else it is `challenger` (gsm.registry.register). Writes
+    reports/registry.json. Needs a store: `tracking_uri` > $MLFLOW_TRACKING_URI > `mlflow.tracking_uri`.
+    """
+    import json
+
+    from gsm.registry.register import register_checkpoint
+
+    target = _store(p, tracking_uri)
+    metrics_path = Path(reports) / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} not found: run `gsm evaluate` first")
+    metrics = json.loads(metrics_path.read_text())
+    scored_profile = (metrics.get("model") or {}).get("profile")
+    if scored_profile not in (None, p.data.profile):
+        raise ValueError(f"{metrics_path} scores profile {scored_profile!r}, params say {p.data.profile!r}")
+    ckpt = checkpoint or final_checkpoint(runs)
+    with mlflow_errors(target.uri):
+        return register_checkpoint(p.mlflow, target, Path(ckpt), metrics, profile=p.data.profile,
+                                   report=Path(reports) / "registry.json", progress=progress)  # fmt: skip
+
+
+def champion_checkpoint(p: Params, dest: Path, *, progress: bool = True, tracking_uri: str | None = None) -> Path:
+    """The registry's champion as a checkpoint file at `dest` (or inside it, when a folder): what the
+    retrain flow finetunes from (`train(..., init_from=...)`). FileNotFoundError when there is no champion."""
+    from gsm.registry.register import download_champion
+
+    target = _store(p, tracking_uri)
+    with mlflow_errors(target.uri):
+        return download_champion(p.mlflow, target, Path(dest), progress=progress)
+
+
+def _store(p: Params, tracking_uri: str | None) -> TrackingTarget:
+    target = tracking_target(p.mlflow, tracking_uri)
+    if target is None:
+        raise ValueError("the model registry needs an MLflow store: mlflow.tracking_uri is null and "
+                         "$MLFLOW_TRACKING_URI is not set")  # fmt: skip
+    return target

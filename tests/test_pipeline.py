@@ -36,6 +36,7 @@ def _params(tmp: Path, server: LoopbackServer) -> Path:
         "eval": {"device": "cpu", "sets": ["REDS4", "Vimeo-90K-T", "Vid4-BI"], "max_clips": 1, "crop_size": 16},
         "data": {"profile": "paper", "root": str(tmp / "data"), "workers": 1},
         "sources": {k: {"url": server.url(v)} for k, v in names.items()},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},  # never the repo's mlflow.db
     }
     path = tmp / "params.yaml"
     path.write_text(yaml.safe_dump(params))

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,43 @@ def _check_args(
         raise ValueError(f"bf16 autocast needs a CUDA device, got {device}")
 
 
+def upscale_frames(
+    model: nn.Module,
+    frames: Iterable[np.ndarray],
+    *,
+    chunk: int = 32,
+    chunk_overlap: int = 4,
+    tile: int | None = None,
+    tile_overlap: int = 16,
+    device: torch.device,
+    bf16: bool = False,
+) -> Iterator[np.ndarray]:
+    """Upscaled frames, in order, of a stream of (H, W, 3) uint8 RGB frames: the chunked core of
+    `upscale_video`, also what the registered MLflow model runs on in-memory clips.
+
+    The caller puts `model` on `device` in eval mode under inference mode; arguments are checked
+    by the callers (`check_chunking`). Each output frame is yielded as soon as it is final.
+    """
+    scale = int(getattr(model, "scale", 4))
+    stitcher = ChunkStitcher(chunk_overlap)
+    window: deque[np.ndarray] = deque(maxlen=chunk)  # the current chunk's input frames
+    read, next_end = 0, chunk
+    for frame, last in _with_lookahead(iter(frames)):
+        window.append(frame)
+        read += 1
+        if read != next_end and not last:
+            continue
+        out = _run_chunk(model, list(window), device, tile, tile_overlap, bf16)
+        expected = (frame.shape[0] * scale, frame.shape[1] * scale)
+        if tuple(out.shape[-2:]) != expected:
+            raise ValueError(f"model output is {tuple(out.shape[-2:])}, expected {expected} (x{scale})")
+        final = stitcher.add(read - len(window), out, last)
+        del out  # only the pending overlap outlives the chunk
+        while final:
+            yield _to_uint8(final.pop(0))
+        next_end = read + chunk - chunk_overlap
+
+
 def _check_names(info: SourceInfo) -> None:
     """Output PNGs reuse input stems; `a.png` and `a.jpg` would collide."""
     seen: dict[str, Path] = {}
@@ -215,23 +252,10 @@ def upscale_video(
             tqdm(total=info.count, unit="frame", desc=f"upscale {info.path.name}", disable=not progress,
                  dynamic_ncols=True) as bar,
         ):
-            stitcher = ChunkStitcher(chunk_overlap)
-            window: deque[np.ndarray] = deque(maxlen=chunk)  # the current chunk's input frames
-            read, next_end = 0, chunk
-            for frame, last in _with_lookahead(iter_frames(info)):
-                window.append(frame)
-                read += 1
-                if read != next_end and not last:
-                    continue
-                out = _run_chunk(model, list(window), dev, tile, tile_overlap, bf16)
-                if out.shape[-2:] != (out_h, out_w):
-                    raise ValueError(f"model output is {tuple(out.shape[-2:])}, expected {(out_h, out_w)} (x{scale})")
-                final = stitcher.add(read - len(window), out, last)
-                del out  # only the pending overlap outlives the chunk
-                while final:
-                    sink.write(_to_uint8(final.pop(0)))
-                    bar.update(1)
-                next_end = read + chunk - chunk_overlap
+            for frame in upscale_frames(model, iter_frames(info), chunk=chunk, chunk_overlap=chunk_overlap,
+                                        tile=tile, tile_overlap=tile_overlap, device=dev, bf16=bf16):
+                sink.write(frame)
+                bar.update(1)
             frames = sink.count
     finally:
         model.train(was_training)

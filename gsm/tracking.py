@@ -1,0 +1,371 @@
+"""MLflow plumbing shared by training, evaluation and the model registry.
+
+One place decides where runs go and what provenance they carry, so a training run, the evaluation
+that scored it and the registered model version all point at the same store and the same code:
+
+* `MlflowConfig` is the `mlflow` section of params.yaml. The store defaults to an embedded one in
+  the project (`sqlite:///mlflow.db`, artifacts in `mlartifacts/` beside it, both relative to the
+  working directory, which is the project root under DVC); `$MLFLOW_TRACKING_URI` wins over it,
+  an explicit `--tracking-uri` over both, and `tracking_uri: null` turns tracking off.
+* `provenance_tags` records the git commit (and whether the tree had uncommitted changes) and the
+  sha256 of dvc.lock, the pipeline state a run started from.
+* `MlflowRun` is one run driven through `MlflowClient`, never the process-global active run, so
+  stages (and Prefect tasks) cannot leak runs into each other.
+
+MLflow is imported lazily: commands that track nothing do not pay its import time.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from gsm.configs import from_mapping
+from gsm.io import sha256_file
+
+EXPERIMENT = "gsm-vsr"
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+GateMetric = Literal["psnr", "ssim", "psnr_gain", "ssim_gain"]  # all higher-is-better
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    """Where runs and registered models go, and how `register` gates the `champion` alias."""
+
+    # null: no tracking (training and evaluation log only their files). $MLFLOW_TRACKING_URI wins.
+    tracking_uri: str | None = DEFAULT_TRACKING_URI
+    # Artifact location of a new experiment in a sqlite store: a path relative to the database's
+    # folder, an absolute path, or a URI (s3://...). Other stores (a server) choose their own.
+    artifact_root: str = "mlartifacts"
+    experiment: str = EXPERIMENT
+    model_name: str = "gsm-vsr"
+    gate_set: str | None = None  # test set in reports/metrics.json; null = its first (alphabetical)
+    gate_metric: GateMetric = "psnr"
+    gate_tolerance: float = 0.0  # a new version becomes champion only above champion + tolerance
+    # How the registered pyfunc streams a clip (defaults of its `predict` params).
+    predict_chunk: int = 32
+    predict_chunk_overlap: int = 4
+    predict_tile: int | None = None
+    predict_tile_overlap: int = 16
+
+    def __post_init__(self) -> None:
+        if self.tracking_uri is not None and not self.tracking_uri.strip():
+            raise ValueError("tracking_uri must be a URI or null, got ''")
+        for name in ("artifact_root", "experiment", "model_name"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"{name} must not be empty")
+        if re.search(r"[/:@]", self.model_name):
+            raise ValueError(f"model_name must not contain '/', ':' or '@' (they end models:/ URIs), "
+                             f"got {self.model_name!r}")
+        if self.gate_set is not None and not self.gate_set.strip():
+            raise ValueError("gate_set must be a test set name or null, got ''")
+        if not (math.isfinite(self.gate_tolerance) and self.gate_tolerance >= 0):
+            raise ValueError(f"gate_tolerance must be a number >= 0, got {self.gate_tolerance!r}")
+        if self.predict_chunk < 1 or self.predict_chunk_overlap < 0:
+            raise ValueError("predict_chunk must be >= 1 and predict_chunk_overlap >= 0")
+        if self.predict_tile is not None and not 0 <= self.predict_tile_overlap < self.predict_tile:
+            raise ValueError(f"predict_tile_overlap must be in [0, predict_tile), got {self.predict_tile_overlap}")
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "mlflow") -> MlflowConfig:
+        return from_mapping(cls, values, where)
+
+
+@dataclass(frozen=True)
+class TrackingTarget:
+    """A resolved store: the URI every client uses, the experiment, and a new experiment's artifacts."""
+
+    uri: str
+    experiment: str = EXPERIMENT
+    artifact_location: str | None = None  # None: the store's default
+
+    @classmethod
+    def from_uri(cls, uri: str) -> TrackingTarget:
+        """A bare URI with the `mlflow` section's defaults: a sqlite store keeps its artifacts beside it.
+
+        (MLflow's own default for sqlite is ./mlruns in the working directory, wherever that is.)
+        """
+        target = tracking_target(MlflowConfig(tracking_uri=None), uri)
+        assert target is not None
+        return target
+
+
+def tracking_uri_from_env(uri: str | None) -> str | None:
+    """The explicit URI, else $MLFLOW_TRACKING_URI, else None (no MLflow)."""
+    return uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite URI (relative paths as SQLAlchemy reads them); None otherwise."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    rest = uri[len("sqlite:///"):].split("?", 1)[0]
+    return None if rest in ("", ":memory:") else Path(rest)
+
+
+def _has_scheme(text: str) -> bool:
+    return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", text) is not None
+
+
+def tracking_target(cfg: MlflowConfig, uri: str | None = None) -> TrackingTarget | None:
+    """The store runs go to: `uri` (a command-line option) > $MLFLOW_TRACKING_URI > cfg.tracking_uri.
+
+    None when all three are unset (tracking off). A relative sqlite path becomes absolute, so every
+    process and the artifact location agree on one file whatever their working directory.
+    """
+    chosen = tracking_uri_from_env(uri) or cfg.tracking_uri
+    if chosen is None:
+        return None
+    db = sqlite_path(chosen)
+    if db is not None:
+        db = db.expanduser().absolute()
+        query = chosen.split("?", 1)[1] if "?" in chosen else None
+        chosen = f"sqlite:///{db}" + (f"?{query}" if query else "")
+    artifacts: str | None = None
+    if _has_scheme(cfg.artifact_root):
+        artifacts = cfg.artifact_root
+    elif db is not None:  # a path: beside the database (a server picks its own artifact store)
+        root = Path(cfg.artifact_root).expanduser()
+        artifacts = (root if root.is_absolute() else db.parent / root).absolute().as_uri()
+    return TrackingTarget(chosen, cfg.experiment, artifacts)
+
+
+@contextmanager
+def mlflow_uris(uri: str) -> Iterator[None]:
+    """Point MLflow's fluent API (log_model, load_model, models:/ URIs) at `uri`, then restore.
+
+    The fluent API reads process-global URIs; pyfunc logging and loading have no client argument.
+    MLflow's setters also export $MLFLOW_TRACKING_URI / $MLFLOW_REGISTRY_URI, so both the
+    explicit settings (not the defaults the getters fill in) and the variables are put back
+    exactly: otherwise a later `tracking_target` would read this store as the user's choice.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    env = {name: os.environ.get(name) for name in names}
+    before = (getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None))
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before[0])  # type: ignore[arg-type]  # None: back to unset
+        mlflow.set_registry_uri(before[1])  # type: ignore[arg-type]
+        for name, value in env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def client_for(target: TrackingTarget) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=target.uri, registry_uri=target.uri)
+
+
+def experiment_id(client: Any, target: TrackingTarget) -> str:
+    """The experiment's id, created (with the target's artifact location) when missing."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(target.experiment)
+    if exp is not None:
+        return str(exp.experiment_id)
+    try:
+        return str(client.create_experiment(target.experiment, artifact_location=target.artifact_location))
+    except MlflowException:  # another process created it first
+        exp = client.get_experiment_by_name(target.experiment)
+        if exp is None:
+            raise
+        return str(exp.experiment_id)
+
+
+# --- provenance ---
+
+
+def _git(root: Path, *args: str) -> str | None:
+    # GIT_OPTIONAL_LOCKS=0: `git status` must not take the index lock from a concurrent git command.
+    env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
+    try:
+        out = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30,
+                             env=env, check=True)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_commit(root: str | Path = ".") -> str | None:
+    """HEAD's commit of the repository holding `root`; None outside git (a tarball, no git binary)."""
+    return _git(Path(root), "rev-parse", "HEAD") or None
+
+
+def git_dirty(root: str | Path = ".") -> bool | None:
+    """Whether tracked files differ from HEAD (the commit alone would not reproduce the run)."""
+    status = _git(Path(root), "status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
+
+
+def dvc_lock_sha256(root: str | Path = ".") -> str | None:
+    """sha256 of dvc.lock: the exact data, params and outputs DVC recorded; None before the first repro."""
+    lock = Path(root) / "dvc.lock"
+    return sha256_file(lock) if lock.is_file() else None
+
+
+def provenance_tags(root: str | Path = ".") -> dict[str, str]:
+    """Tags every run and model version carries: git commit and dirty flag, dvc.lock's sha256.
+
+    The commit also goes to `mlflow.source.git.commit`, which the MLflow UI shows as the run's source.
+    """
+    tags: dict[str, str] = {}
+    commit = git_commit(root)
+    if commit:
+        tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
+        dirty = git_dirty(root)
+        if dirty is not None:
+            tags["git_dirty"] = str(dirty).lower()
+    lock = dvc_lock_sha256(root)
+    if lock:
+        tags["dvc_lock_sha256"] = lock
+    return tags
+
+
+# --- runs ---
+
+
+class MlflowRun:
+    """One MLflow run, through MlflowClient (no process-global active run).
+
+    `run_id` from a checkpoint resumes that run; a run id the store does not know starts a new one.
+    Metrics are buffered and sent in batches by `flush`. A new run gets `params` and `tags`, plus
+    the provenance tags and a `stage` tag naming it.
+    """
+
+    def __init__(
+        self, target: TrackingTarget | str, name: str, params: Mapping[str, str], run_id: str | None = None, *,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        from mlflow.entities import Param
+        from mlflow.exceptions import MlflowException
+
+        self.target = target if isinstance(target, TrackingTarget) else TrackingTarget.from_uri(target)
+        self.client = client_for(self.target)
+        self._pending: list[Any] = []
+        if run_id is not None:
+            try:
+                self.client.get_run(run_id)
+            except MlflowException:
+                run_id = None
+        if run_id is not None:
+            self.run_id = run_id
+            self.client.update_run(run_id, status="RUNNING")
+            return
+        exp_id = experiment_id(self.client, self.target)
+        all_tags = {"stage": name, **provenance_tags(), **dict(tags or {})}
+        run = self.client.create_run(exp_id, run_name=name, tags=all_tags)
+        self.run_id = run.info.run_id
+        items = [Param(k, v) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):  # MLflow's per-call param limit
+            self.client.log_batch(self.run_id, params=items[i:i + 100])
+
+    def log(self, step: int, values: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, step) for k, v in values.items() if math.isfinite(v)]
+
+    def flush(self) -> None:
+        while self._pending:
+            chunk, self._pending = self._pending[:1000], self._pending[1000:]  # per-call metric limit
+            self.client.log_batch(self.run_id, metrics=chunk)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """A file, or a folder's files under `artifact_path` (default: the folder's name)."""
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path or path.name)
+        else:
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def close(self, status: str = "FINISHED", artifacts: tuple[Path, ...] = ()) -> None:
+        """Send pending metrics and `artifacts` (those that exist), then end the run with `status`.
+
+        A failing run still ends: an artifact upload error must not hide why the run failed.
+        """
+        try:
+            self.flush()
+            for path in artifacts:
+                if Path(path).exists():
+                    self.log_artifact(path)
+        except Exception:
+            if status == "FINISHED":
+                self.client.set_terminated(self.run_id, status="FAILED")
+                raise
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def log_finished_run(
+    target: TrackingTarget, name: str, *, params: Mapping[str, str], metrics: Mapping[str, float],
+    artifacts: tuple[Path, ...] = (), tags: Mapping[str, str] | None = None,
+) -> str:
+    """A run made in one go (evaluation): params, step-0 metrics, artifacts; returns its id."""
+    run = MlflowRun(target, name, params, tags=tags)
+    run.log(0, metrics)
+    run.close("FINISHED", artifacts)
+    return run.run_id
+
+
+@contextmanager
+def mlflow_errors(uri: str | None) -> Iterator[None]:
+    """MLflow's exceptions (store unreachable, locked, unknown model) as one-line RuntimeErrors naming
+    the store, which the CLI prints as `error: ...`; other exceptions pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        errors = sys.modules.get("mlflow.exceptions")
+        if uri is None or errors is None or not isinstance(exc, errors.MlflowException):
+            raise
+        raise RuntimeError(f"MLflow store {uri}: {first_line(exc)}") from None
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message as one line (MLflow's messages often carry a JSON body or a trace)."""
+    text = str(getattr(exc, "message", None) or exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+__all__ = [
+    "DEFAULT_TRACKING_URI",
+    "EXPERIMENT",
+    "MlflowConfig",
+    "MlflowRun",
+    "TrackingTarget",
+    "client_for",
+    "dvc_lock_sha256",
+    "experiment_id",
+    "first_line",
+    "git_commit",
+    "git_dirty",
+    "log_finished_run",
+    "mlflow_errors",
+    "mlflow_uris",
+    "provenance_tags",
+    "sha256_file",
+    "sqlite_path",
+    "tracking_target",
+    "tracking_uri_from_env",
+]

@@ -1,0 +1,323 @@
+"""MLflow tracking and the model registry, against a throwaway sqlite store.
+
+One tiny quickstart pipeline (prepare -> train reds -> evaluate, through the `gsm` command) runs
+once per module with tracking on; the tests then check what it logged, register checkpoints made
+from its result (gating the `champion` alias both ways), pull the champion back through
+`models:/` URIs (pyfunc predict, `gsm upscale`, the retrain flow's checkpoint) and check the
+one-line errors.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_params_dict
+from typer.testing import CliRunner
+
+from gsm import stages
+from gsm.cli import app
+from gsm.params import Params, load_params
+from gsm.registry.pyfunc import PredictSettings, check_frames, predict_frames
+from gsm.registry.register import Champion, gate
+from gsm.tracking import MlflowConfig, mlflow_uris, sha256_file, tracking_target
+from gsm.train.checkpoint import serving_digest
+from gsm.train.checkpoint import FORMAT, load_checkpoint, load_model, save_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
+
+
+@dataclass(frozen=True)
+class Project:
+    root: Path
+    params: Path
+    uri: str
+    runs: Path
+    reports: Path
+
+    def load(self, **mlflow: Any) -> Params:
+        p = load_params(self.params)
+        return replace(p, mlflow=replace(p.mlflow, **mlflow))
+
+
+def _gsm(*args: str) -> str:
+    r = CliRunner().invoke(app, list(args))
+    assert r.exit_code == 0, r.output
+    return r.output
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
+    """The tiny quickstart trained (3 iterations) and evaluated, tracked in root/mlflow.db."""
+    root = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    raw = tiny_params_dict(root)
+    raw["mlflow"] = {"tracking_uri": uri, "gate_set": "quickstart-REDS", "predict_chunk": 4,
+                     "predict_chunk_overlap": 2}  # fmt: skip
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    proj = Project(root, params, uri, root / "runs", root / "reports")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        common = ["--params", str(params), "--no-progress"]
+        _gsm("prepare", *common)
+        _gsm("train", "--stage", "reds", "--runs", str(proj.runs), *common)
+        _gsm("evaluate", "--runs", str(proj.runs), "--out", str(proj.reports), *common)
+        yield proj
+
+
+def _client(uri: str) -> Any:
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _run(client: Any, name: str) -> Any:
+    exp = client.get_experiment_by_name("gsm-vsr")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"attributes.run_name = '{name}'")
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return runs[0]
+
+
+def test_training_and_evaluation_runs_are_tracked(project: Project) -> None:
+    client = _client(project.uri)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    lock = Path("dvc.lock")
+
+    train = _run(client, "reds")
+    assert train.info.status == "FINISHED"
+    assert train.data.tags["git_commit"] == train.data.tags["mlflow.source.git.commit"] == head
+    assert train.data.tags["git_dirty"] in ("true", "false")
+    if lock.is_file():
+        assert train.data.tags["dvc_lock_sha256"] == sha256_file(lock)
+    p = train.data.params
+    assert p["model.embed_dim"] == "16" and p["train.reds.iters"] == "3" and p["data.profile"] == "quickstart"
+    assert [m.step for m in client.get_metric_history(train.info.run_id, "loss")] == [1, 2, 3]
+    artifacts = {a.path for a in client.list_artifacts(train.info.run_id)}
+    assert artifacts == {"params.yaml", "metrics.jsonl"}
+    snapshot = yaml.safe_load(Path(client.download_artifacts(train.info.run_id, "params.yaml",
+                                                             str(project.root / "dl"))).read_text())  # fmt: skip
+    assert snapshot["mlflow"]["gate_set"] == "quickstart-REDS" and snapshot["train"]["reds"]["iters"] == 3
+
+    ev = _run(client, "evaluate")
+    scores = json.loads((project.reports / "metrics.json").read_text())
+    assert ev.data.metrics["quickstart-REDS.psnr"] == pytest.approx(scores["test_sets"]["quickstart-REDS"]["psnr"])
+    assert "quickstart-Vimeo.psnr_gain" in ev.data.metrics and ev.data.tags["git_commit"] == head
+    assert ev.data.params["checkpoint_sha256"] == serving_digest(project.runs / "reds" / "checkpoints" / "last.pt")
+    assert ev.data.params["eval.max_clips"] == "1"
+    logged = {a.path for a in client.list_artifacts(ev.info.run_id)}
+    assert {"metrics.json", "benchmark.md", "per_clip.csv", "plots"} <= logged
+    assert client.list_artifacts(ev.info.run_id, "plots")
+    # Artifacts sit beside the database, in the experiment's location.
+    assert (project.root / "mlartifacts").is_dir()
+
+
+def test_tracking_target_precedence(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = tracking_target(MlflowConfig())
+    assert default is not None and default.uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert default.artifact_location == (tmp_path / "mlartifacts").as_uri()
+    assert tracking_target(MlflowConfig(tracking_uri=None)) is None
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    env = tracking_target(MlflowConfig(tracking_uri=None))
+    assert env is not None and env.uri == "http://127.0.0.1:5000" and env.artifact_location is None
+    cli = tracking_target(MlflowConfig(), "sqlite:////srv/ml/mlflow.db")
+    assert cli is not None and cli.artifact_location == "file:///srv/ml/mlartifacts"
+
+
+def test_gate_is_pure() -> None:
+    def alias(value: float, champion: Champion | None) -> str:
+        return gate(value, champion, profile="quickstart", metric="psnr", tolerance=0.1).alias
+
+    assert alias(30.0, None) == "champion"
+    assert alias(30.2, Champion("1", "quickstart", 30.0)) == "champion"
+    assert alias(30.1, Champion("1", "quickstart", 30.0)) == "challenger"  # not above the tolerance
+    assert alias(40.0, Champion("1", "paper", 30.0)) == "challenger"  # other data: not comparable
+    assert alias(40.0, Champion("1", "quickstart", None)) == "challenger"  # no score to compare
+
+
+def _variant(project: Project, name: str, seed: int) -> tuple[Path, Path]:
+    """A checkpoint derived from the trained one (weights nudged by `seed`) and a reports folder."""
+    state = load_checkpoint(project.runs / "reds" / "checkpoints" / "last.pt")
+    gen = torch.Generator().manual_seed(seed)
+    ema = {k: v + 1e-3 * torch.randn(v.shape, generator=gen) if v.is_floating_point() else v
+           for k, v in state["ema"].items()}  # fmt: skip
+    ckpt = project.root / "variants" / f"{name}.pt"
+    save_checkpoint(ckpt, {**state, "ema": ema})
+    return ckpt, project.root / "variants" / f"reports-{name}"
+
+
+def _scores(reports: Path, ckpt: Path, psnr: float, profile: str = "quickstart") -> None:
+    """A metrics.json for `ckpt` with the REDS-like PSNR set to `psnr`."""
+    reports.mkdir(parents=True, exist_ok=True)
+    row = {"psnr": psnr, "ssim": 0.8, "psnr_gain": psnr - 29.0, "ssim_gain": 0.01, "bicubic_psnr": 29.0}
+    data = {"model": {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": profile},
+            "test_sets": {"quickstart-REDS": row, "quickstart-Vimeo": {**row, "psnr": 35.0}}}  # fmt: skip
+    (reports / "metrics.json").write_text(json.dumps(data))
+
+
+def test_register_gates_the_champion_both_ways(project: Project) -> None:
+    p = project.load(model_name="gated", gate_tolerance=0.1)
+    client = _client(project.uri)
+    registered = []
+    for name, seed, psnr in (("first", 1, 30.0), ("better", 2, 30.5), ("close", 3, 30.55), ("worse", 4, 29.0)):
+        ckpt, reports = _variant(project, name, seed)
+        _scores(reports, ckpt, psnr)
+        registered.append((ckpt, reports, stages.register(p, project.runs, reports, checkpoint=ckpt,
+                                                           progress=False)))  # fmt: skip
+    first, better, close, worse = (r for _, _, r in registered)
+    assert (first.version, first.alias, first.promoted) == (1, "champion", True)
+    assert (better.version, better.alias, better.champion_version) == (2, "champion", 1)
+    assert better.champion_value == pytest.approx(30.0) and better.value == pytest.approx(30.5)
+    assert (close.alias, close.promoted) == ("challenger", False) and "<=" in close.reason  # within tolerance
+    assert worse.alias == "challenger"
+    assert str(client.get_model_version_by_alias("gated", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("gated", "challenger").version) == "4"
+
+    tags = client.get_model_version("gated", "2").tags
+    assert tags["profile"] == "quickstart" and tags["datasets"] == "quickstart-REDS,quickstart-Vimeo"
+    assert float(tags["metric.quickstart-REDS.psnr"]) == 30.5 and "metric.quickstart-Vimeo.ssim" in tags
+    assert tags["checkpoint_sha256"] == serving_digest(registered[1][0]) and len(tags["weights_sha256"]) == 64
+    assert tags["git_commit"] == subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                                                text=True).stdout.strip()  # fmt: skip
+    report = json.loads((registered[3][1] / "registry.json").read_text())
+    assert report["version"] == 4 and report["alias"] == "challenger" and report["champion_version"] == 2
+    assert report["value"] == 29.0 and report["gate_metric"] == "psnr" and report["gate_set"] == "quickstart-REDS"
+
+    # The same checkpoint and scores again: no new version.
+    again = stages.register(p, project.runs, registered[1][1], checkpoint=registered[1][0], progress=False)
+    assert again.reused and again.version == 2 and again.alias == "champion"
+    assert len(client.search_model_versions("name = 'gated'")) == 4
+
+    # Scores on other data are not comparable: the champion stays.
+    ckpt, reports = _variant(project, "paper", 5)
+    _scores(reports, ckpt, 99.0, profile="paper")
+    paper = stages.register(replace(p, data=replace(p.data, profile="paper")), project.runs, reports,
+                            checkpoint=ckpt, progress=False)  # fmt: skip
+    assert paper.alias == "challenger" and "not comparable" in paper.reason
+    assert str(client.get_model_version_by_alias("gated", "champion").version) == "2"
+
+    # metrics.json must score the checkpoint being registered.
+    with pytest.raises(ValueError, match="run `gsm evaluate --model"):
+        stages.register(p, project.runs, registered[0][1], checkpoint=registered[1][0], progress=False)
+
+
+def _clip(t: int = 5, h: int = 12, w: int = 16) -> np.ndarray:
+    ys, xs = np.mgrid[0:h, 0:w]
+    return np.stack([np.stack([(xs * 9 + i * 5) % 256, (ys * 13) % 256, ((xs + ys) * 7 + i) % 256], -1)
+                     for i in range(t)]).astype(np.uint8)  # fmt: skip
+
+
+def _direct(ckpt: Path, frames: np.ndarray) -> np.ndarray:
+    """The checkpoint's network on the whole clip at once: what predict must equal when not chunked."""
+    model = load_model(ckpt)
+    with torch.no_grad():
+        out = model(torch.from_numpy(frames).permute(0, 3, 1, 2).float().div(255).unsqueeze(0))[0]
+    return out.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_champion_loads_by_uri_and_predicts(project: Project, tmp_path: Path) -> None:
+    import mlflow
+
+    p = project.load(model_name="served")
+    ckpt = project.runs / "reds" / "checkpoints" / "last.pt"
+    r = stages.register(p, project.runs, project.reports, progress=False)  # the evaluated last.pt
+    assert (r.version, r.alias) == (1, "champion")
+    frames = _clip()
+    with mlflow_uris(project.uri):
+        model = mlflow.pyfunc.load_model("models:/served@champion")
+        out = model.predict(frames)  # 5 frames in chunks of 4 sharing 2 (mlflow.predict_chunk*)
+        whole = model.predict(frames, params={"chunk": 8})
+    assert out.shape == (5, 48, 64, 3) and out.dtype == np.uint8
+    chunked = predict_frames(load_model(ckpt), frames, PredictSettings(chunk=4, chunk_overlap=2))
+    assert np.array_equal(out, chunked)
+    assert np.array_equal(whole, _direct(ckpt, frames))
+
+    inner = model.unwrap_python_model()
+    with pytest.raises(ValueError, match="uint8"):
+        inner.predict(None, frames.astype(np.float32))
+    with pytest.raises(ValueError, match="T x H x W x 3"):
+        check_frames(frames[..., :2])
+
+    # The retrain flow's starting point: the champion's serving weights as a checkpoint file.
+    (tmp_path / "init").mkdir()
+    got = stages.champion_checkpoint(p, tmp_path / "init", progress=False)
+    assert got == tmp_path / "init" / "served-v1.pt" and got.is_file()
+    assert stages.champion_checkpoint(p, got, progress=False) == got  # up to date: kept
+    served, trained = load_model(got).state_dict(), load_model(ckpt).state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in served.items())
+    assert load_checkpoint(got)["format"] == FORMAT and load_checkpoint(got).get("optimizer") is None
+    with pytest.raises(FileNotFoundError, match="no champion"):
+        stages.champion_checkpoint(project.load(model_name="nobody"), tmp_path / "x.pt", progress=False)
+
+
+def _video(path: Path, frames: np.ndarray) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), 10, (frames.shape[2], frames.shape[1]))
+    for f in frames:
+        writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def _read(path: Path) -> list[np.ndarray]:
+    cap, frames = cv2.VideoCapture(str(path)), []
+    ok, frame = cap.read()
+    while ok:
+        frames.append(frame)
+        ok, frame = cap.read()
+    cap.release()
+    return frames
+
+
+def test_upscale_cli_takes_a_models_uri(project: Project, tmp_path: Path) -> None:
+    p = project.load(model_name="cli")
+    stages.register(p, project.runs, project.reports, progress=False)
+    src = tmp_path / "in.mp4"
+    _video(src, _clip(6, 24, 32))
+    common = ["--chunk", "4", "--chunk-overlap", "2", "--no-progress", "--tracking-uri", project.uri]
+    out = _gsm("upscale", str(src), str(tmp_path / "uri.mp4"), "--model", "models:/cli@champion", *common)
+    assert "6 frames 128x96" in out
+    _gsm("upscale", str(src), str(tmp_path / "ckpt.mp4"), "--model",
+         str(project.runs / "reds" / "checkpoints" / "last.pt"), *common)  # fmt: skip
+    a, b = _read(tmp_path / "uri.mp4"), _read(tmp_path / "ckpt.mp4")
+    assert len(a) == 6 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+    r = CliRunner().invoke(app, ["upscale", str(src), str(tmp_path / "no.mp4"), "--model",
+                                 "models:/cli@nonexistent", *common])  # fmt: skip
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "models:/cli@nonexistent" in r.output
+
+
+def test_bad_mlflow_params_are_one_line_errors(project: Project, tmp_path: Path) -> None:
+    cases = (({"gate_metrc": "psnr"}, "mlflow.gate_metrc"), ({"gate_metric": "lpips"}, "mlflow.gate_metric"),
+             ({"gate_tolerance": -1}, "gate_tolerance"))
+    for section, key in cases:
+        bad = tmp_path / "params.yaml"
+        bad.write_text(yaml.safe_dump({**yaml.safe_load(project.params.read_text()), "mlflow": section}))
+        r = CliRunner().invoke(app, ["register", "--params", str(bad), "--reports", str(project.reports)])
+        assert r.exit_code == 2 and r.output.count("\n") == 1 and key in r.output, r.output
+    none = tmp_path / "none.yaml"
+    none.write_text(yaml.safe_dump({"mlflow": {"tracking_uri": None}}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        r = CliRunner().invoke(app, ["register", "--params", str(none), "--reports", str(project.reports)])
+    assert r.exit_code == 2 and "needs an MLflow store" in r.output
+
+
+def test_no_store_is_created_for_a_missing_database(project: Project, tmp_path: Path) -> None:
+    src = tmp_path / "in.mp4"
+    _video(src, _clip(2, 16, 16))
+    missing = f"sqlite:///{tmp_path / 'absent.db'}"
+    r = CliRunner().invoke(app, ["upscale", str(src), str(tmp_path / "o.mp4"), "--model", "models:/x@champion",
+                                 "--tracking-uri", missing, "--no-progress"])  # fmt: skip
+    assert r.exit_code == 2 and "no MLflow store" in r.output and not (tmp_path / "absent.db").exists()
