@@ -40,6 +40,8 @@ setup-cuda: $(STAMP)
 
 # The paper's ablations (SPEC: anchor, scatter, alignment, scan order, window K) as DVC experiments
 # of the current profile, each from the committed params, then one table. Quickstart: ~15 min each.
+# Afterwards params.yaml and dvc.lock are the committed ones again, the checkpoints come back from
+# the DVC cache, and reports/ holds the last experiment's until `make repro` re-evaluates.
 WINDOW_ALT ?= 5   # the window-K ablation: the quickstart has K = 3; use WINDOW_ALT=3 for the paper's K = 5
 ABLATIONS := anchor-forward=model.anchor=forward no-scatter=model.scatter=false \
              bilinear-align=model.align=bilinear spatial-first=model.scan_order=spatial_first \
@@ -51,7 +53,7 @@ ablations: $(STAMP)
 	    $(BIN)/dvc exp run -n "$${a%%=*}" -S "$${a#*=}"; \
 	done
 	git checkout -- params.yaml dvc.lock && $(BIN)/dvc checkout --quiet || true
-	$(BIN)/dvc exp show --no-pager --only-changed --drop 'Created|State|Executor'
+	$(BIN)/dvc exp show --no-pager --only-changed --md --drop 'Created|State|Executor|sha256|checkpoint'
 
 # Scheduled retraining: serve the Prefect `retrain` deployment on params.yaml's `prefect.retrain_cron`
 # until Ctrl-C (README "Scheduled retraining"). Without PREFECT_API_URL a private local Prefect
