@@ -133,8 +133,6 @@ def evaluate(
 
 def _log_evaluation(target: TrackingTarget, p: Params, info: dict[str, str], out: Path) -> str:
     """The evaluate run: eval params, `<set>.<score>` metrics from metrics.json, the reports."""
-    import json
-
     from gsm.configs import to_mapping
     from gsm.tracking import log_finished_run
     from gsm.train.config import flat_params

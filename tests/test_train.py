@@ -28,6 +28,7 @@ from gsm.configs import to_mapping
 from gsm.data.images import FolderStore, write_png
 from gsm.models.config import GSMConfig
 from gsm.models.gsmamba import GSMamba
+from gsm.tracking import MlflowRun
 from gsm.train.checkpoint import (
     FORMAT,
     check_compatible,
@@ -41,7 +42,7 @@ from gsm.train.config import StageConfig, TrainConfig, resolve_init
 from gsm.train.data import EpochSampler, epoch_order, reds_train_set
 from gsm.train.loss import charbonnier
 from gsm.train.optim import cosine_lr, ema_update, group_lrs, make_ema
-from gsm.train.tracking import MlflowRun, read_metrics, truncate_metrics
+from gsm.train.tracking import read_metrics, truncate_metrics
 from gsm.train.trainer import train_stage
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -5,7 +5,7 @@ validation ({"stage", "iter", "val_psnr", ...}). A resumed run first drops its s
 the checkpoint, so the file always describes the state that was saved. MLflow cannot delete
 points: after a crash it may hold a second value for the re-run steps (equal on CPU, where
 training is bit-reproducible). The MLflow side (`MlflowRun`, where runs go) is `gsm.tracking`,
-shared with evaluation and the registry; it is re-exported here.
+shared with evaluation and the registry.
 """
 
 from __future__ import annotations
@@ -16,9 +16,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from gsm.io import atomic_write_text
-from gsm.tracking import EXPERIMENT, MlflowRun, tracking_uri_from_env
-
-__all__ = ["EXPERIMENT", "MetricsFile", "MlflowRun", "read_metrics", "tracking_uri_from_env", "truncate_metrics"]
 
 
 def truncate_metrics(path: Path, stage: str, last_iter: int) -> None:

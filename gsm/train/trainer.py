@@ -60,8 +60,8 @@ from gsm.train.optim import (
     set_flow_trainable,
     set_lrs,
 )
-from gsm.tracking import TrackingTarget, sha256_file
-from gsm.train.tracking import MetricsFile, MlflowRun, tracking_uri_from_env, truncate_metrics
+from gsm.tracking import MlflowRun, TrackingTarget, sha256_file, tracking_uri_from_env
+from gsm.train.tracking import MetricsFile, truncate_metrics
 
 log = logging.getLogger(__name__)
 
