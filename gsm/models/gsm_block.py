@@ -12,6 +12,11 @@ One call refines one temporal window of K frames (B x K x C x H x W, anchor slot
 
 The selective scan and the causal conv dispatch to mamba-ssm / causal-conv1d kernels on CUDA and
 to our own kernels on CPU (gsm.ops).
+
+`GSMBlock.forward` aligns all frames of a window in one call and scatters them back in one warp,
+over sampling geometry prepared for every window of a layer at once (gsm.models.gsmamba);
+`GSMBlock.forward_reference` is the same computation written slot by slot, kept as the tested
+reference (tests/test_fastpath.py holds the two together, values and gradients).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torch import Tensor, nn
 
 from gsm.models.config import GSMConfig
 from gsm.ops.conv1d import causal_conv1d
-from gsm.ops.flow import flow_warp
+from gsm.ops.flow import flow_warp, grid_warp
 from gsm.ops.scan import selective_scan
 
 
@@ -48,15 +53,19 @@ class ScanDirection(nn.Module):
         self.A_log = nn.Parameter(torch.log(a))
         self.D = nn.Parameter(torch.ones(d_inner))
 
-    def forward(self, x: Tensor, z: Tensor, scan_impl: str) -> Tensor:
-        """x, z: (B, d_inner, L) -> y: (B, d_inner, L)."""
+    def decay(self) -> Tensor:
+        """A = -exp(A_log), (d_inner, N); constant over a layer's windows, so built once there."""
+        return -torch.exp(self.A_log.float())
+
+    def forward(self, x: Tensor, z: Tensor, scan_impl: str, A: Tensor | None = None) -> Tensor:
+        """x, z: (B, d_inner, L) -> y: (B, d_inner, L). A: `decay()`, if already built."""
         x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", scan_impl)
         x_dbl = self.x_proj(x.transpose(1, 2))  # (B, L, R + 2N)
         dt, b, c = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # (B, d_inner, L), bias goes to the scan
+        # Strided views: each scan backend copies into the layout its kernel reads, once.
         return selective_scan(
-            x, dt.contiguous(), -torch.exp(self.A_log.float()),
-            b.transpose(1, 2).contiguous(), c.transpose(1, 2).contiguous(),  # (B, N, L)
+            x, dt, self.decay() if A is None else A, b.transpose(1, 2), c.transpose(1, 2),  # (B, N, L)
             self.D.float(), z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
             impl=scan_impl,
         )
@@ -76,14 +85,39 @@ class BiMamba(nn.Module):
             ScanDirection(d_inner, cfg.d_state, cfg.d_conv, cfg.dt_rank) for _ in range(n_dirs)
         )
 
-    def forward(self, seq: Tensor) -> Tensor:
-        """seq: (B, L, C) -> (B, L, C)."""
-        x, z = self.in_proj(seq).transpose(1, 2).chunk(2, dim=1)  # each (B, d_inner, L)
-        y = self.directions[0](x, z, self.scan_impl)
+    def decays(self) -> list[Tensor]:
+        return [d.decay() for d in self.directions]
+
+    def forward(self, seq: Tensor, decays: list[Tensor] | None = None) -> Tensor:
+        """seq: (B, L, C) -> (B, L, C). decays: `decays()`, if already built."""
+        decays = decays or [None] * len(self.directions)  # type: ignore[list-item]
+        xz = self.in_proj(seq)  # (B, L, 2 * d_inner)
+        x, z = xz.transpose(1, 2).chunk(2, dim=1)  # each (B, d_inner, L)
+        y = self.directions[0](x, z, self.scan_impl, decays[0])
         if len(self.directions) == 2:
-            y_rev = self.directions[1](x.flip(-1), z.flip(-1), self.scan_impl)
-            y = y + y_rev.flip(-1)
+            x_rev, z_rev = xz.flip(1).transpose(1, 2).chunk(2, dim=1)  # the sequence read backwards
+            y = y + self.directions[1](x_rev, z_rev, self.scan_impl, decays[1]).flip(-1)
         return self.out_proj(y.transpose(1, 2))
+
+
+def depthwise_conv3d_k3(x: Tensor, weight: Tensor, bias: Tensor | None, as_2d: bool) -> Tensor:
+    """Depthwise 3x3x3 conv, zero padding 1, on channels-last x (B, K, H, W, D) -> same layout.
+
+    as_2d computes it as one depthwise 2-D conv with three outputs per channel (one per temporal
+    tap; weight (D, 1, 3, 3, 3) read as (3D, 1, 3, 3)) and a shifted sum over K. cuDNN has no
+    depthwise 3-D kernel and its generic one is slow in backward, while depthwise 2-D convs have
+    fast kernels both ways; on CPU the 3-D conv is as fast, so it stays the default there.
+    """
+    b, k, h, w, d = x.shape
+    if not as_2d:
+        return F.conv3d(x.permute(0, 4, 1, 2, 3), weight, bias, padding=1, groups=d).permute(0, 2, 3, 4, 1)
+    taps = F.conv2d(x.permute(0, 1, 4, 2, 3).flatten(0, 1), weight.view(3 * d, 1, 3, 3), None,
+                    padding=1, groups=d)  # (B*K, 3D, H, W), channel c*3 + kt = temporal tap kt
+    taps = F.pad(taps.view(b, k, d, 3, h, w), (0, 0, 0, 0, 0, 0, 0, 0, 1, 1))  # zero frames at both ends
+    out = taps[:, :-2, :, 0] + taps[:, 1:-1, :, 1] + taps[:, 2:, :, 2]  # frame j sees j-1, j, j+1
+    if bias is not None:
+        out = out + bias.view(1, 1, d, 1, 1)
+    return out.permute(0, 1, 3, 4, 2)
 
 
 class WindowFFN(nn.Module):
@@ -96,11 +130,11 @@ class WindowFFN(nn.Module):
         self.dwconv = nn.Conv3d(hidden, hidden, 3, padding=1, groups=hidden)
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, K, H, W, C) -> same."""
-        h = self.fc1(x).permute(0, 4, 1, 2, 3)  # (B, rC, K, H, W)
-        h = F.gelu(self.dwconv(h)).permute(0, 2, 3, 4, 1)
-        return self.fc2(h)
+    def forward(self, x: Tensor, as_2d: bool | None = None) -> Tensor:
+        """x: (B, K, H, W, C) -> same. as_2d: the conv's form; None picks by device."""
+        as_2d = x.is_cuda if as_2d is None else as_2d
+        h = depthwise_conv3d_k3(self.fc1(x), self.dwconv.weight, self.dwconv.bias, as_2d)
+        return self.fc2(F.gelu(h))
 
 
 class GSMBlock(nn.Module):
@@ -117,29 +151,77 @@ class GSMBlock(nn.Module):
         self.ffn = WindowFFN(c, cfg.ffn_ratio)
         self.scale2 = nn.Parameter(torch.ones(c))
 
-    def forward(self, win: Tensor, gather: Tensor, scatter: Tensor, anchor: int,
-                identity: list[bool], align: nn.Module) -> Tensor:
-        """Refine one window.
+    def forward(self, slots: tuple[Tensor, ...], gather: tuple[Tensor, ...], scatter: tuple[Tensor, Tensor],
+                anchor: int, lo: int, hi: int, align: nn.Module, decays: list[Tensor] | None = None,
+                ) -> tuple[Tensor, ...]:
+        """Refine one window (fast path).
 
-        win: (B, K, C, H, W) features; gather / scatter: (B, K, 2, H, W) flows anchor -> slot and
-        slot -> anchor; identity[k]: slot k holds the anchor frame itself (no alignment needed).
-        `align` is the network's single shared alignment module. Returns (B, K, C, H, W).
+        slots: the window's K frames, each (B, C, H, W). Slots [lo, anchor) and (anchor, hi) hold
+        other frames than the anchor's and are aligned; the rest are the anchor frame itself (the
+        anchor slot, or copies clamped at the clip's ends) and need no alignment. gather:
+        `align.prepare` geometry and scatter: `warp_grid` grid and mask, of those M = hi - lo - 1
+        slots in order, flattened to B*M. `align` is the network's single shared alignment module;
+        decays: `self.mamba.decays()`, built once per layer. Returns the K refined slots. Slots travel as tuples, stacked only where a layer needs the
+        window as one tensor: slicing a stacked window costs a zero-filled copy per slice in
+        backward, stacking costs nothing there.
+        """
+        k, (b, c, h, w) = len(slots), slots[0].shape
+        ref = slots[anchor]
+        moving = [*range(lo, anchor), *range(anchor + 1, hi)]
+        if moving:
+            moved = align(ref, torch.stack([slots[i] for i in moving], dim=1), gather).unbind(1)
+            aligned = [ref] * k
+            for i, m in zip(moving, moved):
+                aligned[i] = m
+        else:
+            aligned = [ref] * k
+        y = self.scan(aligned, decays).unbind(1)  # K x (B, C, H, W), anchor coordinates
+
+        win = torch.stack(slots, dim=1)
+        s = self.scale1.view(1, 1, c, 1, 1)
+        if self.scatter:
+            update = list(y)
+            if moving:
+                y_moving = torch.stack([y[i] for i in moving], dim=1)
+                warped = grid_warp(y_moving.flatten(0, 1), *scatter).view_as(y_moving).unbind(1)
+                for i, m in zip(moving, warped):
+                    update[i] = m
+            out = s * win + torch.stack(update, dim=1)
+        else:  # ablation: only the anchor receives the Mamba output
+            out = torch.stack([s[0] * ref + y[anchor] if i == anchor else slots[i] for i in range(k)], dim=1)
+        return self.feed_forward(out).unbind(1)
+
+    def scan(self, aligned: list[Tensor], decays: list[Tensor] | None = None) -> Tensor:
+        """Bidirectional Mamba over the K aligned slots (B, C, H, W) -> (B, K, C, H, W)."""
+        k, (b, c, h, w) = len(aligned), aligned[0].shape
+        # Stacked straight into the scan order, channels last: one copy.
+        if self.scan_order == "temporal_first":
+            seq = torch.stack([a.permute(0, 2, 3, 1) for a in aligned], dim=3)  # (B, H, W, K, C)
+        else:
+            seq = torch.stack([a.permute(0, 2, 3, 1) for a in aligned], dim=1)  # (B, K, H, W, C)
+        y = self.mamba(self.norm1(seq.view(b, -1, c)), decays)  # (B, L, C)
+        if self.scan_order == "temporal_first":
+            return y.view(b, h, w, k, c).permute(0, 3, 4, 1, 2)
+        return y.view(b, k, h, w, c).permute(0, 1, 4, 2, 3)
+
+    def feed_forward(self, out: Tensor, as_2d: bool | None = None) -> Tensor:
+        x = out.permute(0, 1, 3, 4, 2)  # (B, K, H, W, C)
+        x = self.scale2 * x + self.ffn(self.norm2(x), as_2d)
+        return x.permute(0, 1, 4, 2, 3)  # (B, K, C, H, W)
+
+    def forward_reference(self, win: Tensor, gather: Tensor, scatter: Tensor, anchor: int,
+                          identity: list[bool], align: nn.Module) -> Tensor:
+        """Refine one window, slot by slot: the plain formulation `forward` is tested against.
+
+        gather / scatter: (B, K, 2, H, W) flows anchor -> slot and slot -> anchor; identity[k]:
+        slot k holds the anchor frame itself (no alignment needed).
         """
         b, k, c, h, w = win.shape
         ref = win[:, anchor]
         aligned = torch.stack(
-            [ref if identity[i] else align(ref, win[:, i], gather[:, i]) for i in range(k)], dim=1
+            [ref if identity[i] else align.forward_pair(ref, win[:, i], gather[:, i]) for i in range(k)], dim=1
         )  # (B, K, C, H, W), all in anchor coordinates
-
-        if self.scan_order == "temporal_first":
-            seq = aligned.permute(0, 3, 4, 1, 2).reshape(b, h * w * k, c)  # (B, H*W*K, C)
-        else:
-            seq = aligned.permute(0, 1, 3, 4, 2).reshape(b, k * h * w, c)  # (B, K*H*W, C)
-        y = self.mamba(self.norm1(seq))
-        if self.scan_order == "temporal_first":
-            y = y.view(b, h, w, k, c).permute(0, 3, 4, 1, 2)  # (B, K, C, H, W)
-        else:
-            y = y.view(b, k, h, w, c).permute(0, 1, 4, 2, 3)
+        y = self.scan(list(aligned.unbind(1)))
 
         s = self.scale1.view(1, c, 1, 1)
         if self.scatter:
@@ -149,7 +231,4 @@ class GSMBlock(nn.Module):
             ], dim=1)
         else:  # ablation: only the anchor receives the Mamba output
             out = torch.stack([s * win[:, i] + y[:, i] if i == anchor else win[:, i] for i in range(k)], dim=1)
-
-        x = out.permute(0, 1, 3, 4, 2)  # (B, K, H, W, C)
-        x = self.scale2 * x + self.ffn(self.norm2(x))
-        return x.permute(0, 1, 4, 2, 3)  # (B, K, C, H, W)
+        return self.feed_forward(out, as_2d=False)

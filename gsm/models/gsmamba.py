@@ -9,6 +9,8 @@ lqs (B, T, 3, H, W) in [0, 1]
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -18,7 +20,7 @@ from gsm.models.config import GSMConfig
 from gsm.models.gsm_block import GSMBlock
 from gsm.models.swsa import SWSA
 from gsm.ops.align import make_align
-from gsm.ops.flow import window_flows
+from gsm.ops.flow import flow_tables, table_lookup, warp_grid, window_flows
 from gsm.ops.spynet import SpyNet, compute_flows
 
 
@@ -26,6 +28,87 @@ def window_slots(t: int, cfg: GSMConfig) -> tuple[list[int], int]:
     """Frame ids of the window refined at step t (may run off the clip) and the anchor's slot."""
     anchor = cfg.window // 2 if cfg.anchor == "center" else 0
     return [t - anchor + k for k in range(cfg.window)], anchor
+
+
+@dataclass(frozen=True)
+class Window:
+    """One sliding-window step of a layer, as index bookkeeping (no tensors).
+
+    frames: the clip frame each slot reads (ids clamped into the clip); anchor: the anchor slot;
+    slots [lo, anchor) and (anchor, hi) hold other frames than the anchor's (they are aligned),
+    the rest are the anchor frame itself; written: (slot, frame) pairs written back.
+    """
+
+    ids: tuple[int, ...]
+    frames: tuple[int, ...]
+    anchor: int
+    lo: int
+    hi: int
+    written: tuple[tuple[int, int], ...]
+
+
+def plan_windows(t_len: int, cfg: GSMConfig) -> list[Window]:
+    windows = []
+    for t in range(t_len):
+        ids, anchor = window_slots(t, cfg)
+        frames = tuple(min(max(i, 0), t_len - 1) for i in ids)
+        same = [f == frames[anchor] for f in frames]
+        # Clamped copies of the anchor frame sit at the window's ends, next to the anchor.
+        lo = next(k for k in range(anchor + 1) if all(not same[j] for j in range(k, anchor)))
+        hi = next(k for k in range(len(ids), anchor, -1) if all(not same[j] for j in range(anchor + 1, k)))
+        written = range(len(ids)) if cfg.scatter else [anchor]
+        windows.append(Window(tuple(ids), frames, anchor, lo, hi,
+                              tuple((k, ids[k]) for k in written if 0 <= ids[k] < t_len)))
+    return windows
+
+
+@dataclass(frozen=True)
+class LayerGeometry:
+    """Sampling geometry of every window of a layer: for each window t and non-anchor slot j
+    (slots 0..K-1 without the anchor), the alignment's `prepare` output and the scatter warp's
+    grid and mask, each shaped (B, T, K-1, ...)."""
+
+    gather: tuple[Tensor, ...]
+    scatter: tuple[Tensor, ...]
+
+    def windows(self) -> list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]:
+        """Per window, (gather, scatter) of its K-1 non-anchor slots, each (B, K-1, ...). Unbound
+        once per layer: its backward is one stack, where indexing per window would zero-fill a
+        full copy per window."""
+        per_t = lambda ts: list(zip(*(g.unbind(1) for g in ts)))  # noqa: E731
+        return list(zip(per_t(self.gather), per_t(self.scatter)))
+
+
+def moving_slots(geometry: tuple[Tensor, ...], win: Window, k: int) -> tuple[Tensor, ...]:
+    """A window's geometry (B, K-1, ...) cut to its moving slots, flattened to (B*M, ...)."""
+    full = win.lo == 0 and win.hi == k
+    return tuple((g if full else g[:, win.lo:win.hi - 1]).flatten(0, 1) for g in geometry)
+
+
+def layer_geometry(tables: tuple[Tensor, Tensor], windows: list[Window], reverse: bool,
+                   align: nn.Module) -> LayerGeometry:
+    """Look every window's flows up in `flow_tables` output and prepare their sampling at once.
+
+    reverse: the layer runs on the time-reversed clip, whose frame f is the clip's T-1-f; the
+    tables are in the clip's own order, and reversing time maps f(a -> b) onto the same entry.
+    """
+    gather_table, scatter_table = tables
+    b, t_len = gather_table.shape[0], gather_table.shape[2]
+    clip = (lambda f: t_len - 1 - f) if reverse else (lambda f: f)  # noqa: E731
+    gather, scatter = [], []
+    for win in windows:
+        c = clip(win.ids[win.anchor])
+        for k, i in enumerate(win.ids):
+            if k == win.anchor:
+                continue
+            valid = 0 <= i < t_len  # out-of-range slots: zero flow
+            gather.append((clip(i) - c, c) if valid else (0, c))
+            scatter.append((c - clip(i), clip(i)) if valid else (0, c))
+    k1 = len(gather) // max(len(windows), 1)
+    g = align.prepare(table_lookup(gather_table, gather).flatten(0, 1))
+    s = warp_grid(table_lookup(scatter_table, scatter).flatten(0, 1))
+    shape = lambda x: x.view(b, t_len, k1, *x.shape[1:])  # noqa: E731
+    return LayerGeometry(tuple(map(shape, g)), tuple(map(shape, s)))
 
 
 class Stage(nn.Module):
@@ -37,22 +120,40 @@ class Stage(nn.Module):
         self.swsa = SWSA(cfg.embed_dim, depth=cfg.attn_depth, num_heads=cfg.num_heads)
         self.block = GSMBlock(cfg)
 
-    def forward(self, x: Tensor, fwd: Tensor, bwd: Tensor, align: nn.Module) -> Tensor:
-        """x: (B, T, C, H, W); fwd / bwd: (B, T-1, 2, H, W) flows t -> t+1 and t+1 -> t."""
+    def forward(self, x: Tensor, windows: list[Window], geometry: LayerGeometry, align: nn.Module,
+                attn_masks: dict[bool, Tensor | None] | None = None) -> Tensor:
+        """x: (B, T, C, H, W); windows and geometry of this layer's direction; attn_masks: the
+        SWSA masks for this size (the same in every layer)."""
+        shortcut = x
+        x = self.swsa(x.permute(0, 1, 3, 4, 2), attn_masks).permute(0, 1, 4, 2, 3)
+        frames = list(x.unbind(1))  # written back window by window: later windows see updates
+        k = self.cfg.window
+        decays = self.block.mamba.decays()
+        for win, (gather, scatter) in zip(windows, geometry.windows()):
+            args = (tuple(frames[j] for j in win.frames), moving_slots(gather, win, k),
+                    moving_slots(scatter, win, k), win.anchor, win.lo, win.hi, align, decays)
+            if self.cfg.grad_checkpoint and torch.is_grad_enabled():
+                slots = checkpoint(self.block, *args, use_reentrant=False)
+            else:
+                slots = self.block(*args)
+            for slot, f in win.written:
+                frames[f] = slots[slot]
+        return torch.stack(frames, dim=1) + shortcut
+
+    def forward_reference(self, x: Tensor, fwd: Tensor, bwd: Tensor, align: nn.Module) -> Tensor:
+        """The plain formulation: each window's flows composed on the spot, slot-by-slot block.
+        fwd / bwd: (B, T-1, 2, H, W) flows t -> t+1 and t+1 -> t of this layer's direction."""
         shortcut = x
         x = self.swsa(x.permute(0, 1, 3, 4, 2)).permute(0, 1, 4, 2, 3)
         t_len = x.shape[1]
-        frames = list(x.unbind(1))  # written back window by window: later windows see updates
+        frames = list(x.unbind(1))
         for t in range(t_len):
             ids, anchor = window_slots(t, self.cfg)
             clamped = [min(max(i, 0), t_len - 1) for i in ids]
             gather, scatter = window_flows(fwd, bwd, ids, anchor)  # out-of-range slots: zero flow
             identity = [j == clamped[anchor] for j in clamped]
             win = torch.stack([frames[j] for j in clamped], dim=1)  # (B, K, C, H, W)
-            if self.cfg.grad_checkpoint and torch.is_grad_enabled():
-                out = checkpoint(self.block, win, gather, scatter, anchor, identity, align, use_reentrant=False)
-            else:
-                out = self.block(win, gather, scatter, anchor, identity, align)
+            out = self.block.forward_reference(win, gather, scatter, anchor, identity, align)
             written = range(len(ids)) if self.cfg.scatter else [anchor]
             for k in written:
                 if 0 <= ids[k] < t_len:
@@ -100,8 +201,12 @@ class GSMamba(nn.Module):
         self.fuse = nn.Linear(c, c)
         self.recon = Reconstruction(c, cfg.mid_channels)
 
-    def forward(self, lqs: Tensor) -> Tensor:
-        """lqs: (B, T, 3, H, W) in [0, 1] -> (B, T, 3, 4H, 4W)."""
+    def forward(self, lqs: Tensor, reference: bool = False) -> Tensor:
+        """lqs: (B, T, 3, H, W) in [0, 1] -> (B, T, 3, 4H, 4W).
+
+        reference: run the plain per-window formulation (Stage.forward_reference) instead of the
+        batched one; same result, kept for tests and for reading.
+        """
         if lqs.dim() != 5 or lqs.shape[2] != 3:
             raise ValueError(f"GSMamba expects (B, T, 3, H, W) input, got {tuple(lqs.shape)}")
         b, t, _, h, w = lqs.shape
@@ -109,10 +214,22 @@ class GSMamba(nn.Module):
         feat = self.embed(lqs.flatten(0, 1)).view(b, t, -1, h, w)
 
         x = feat
-        for stage in self.stages:
-            x = stage(x, fwd, bwd, self.align)
-            # Reverse time: the flow t -> t+1 of the reversed clip is the old flow t+1 -> t.
-            x, fwd, bwd = x.flip(1), bwd.flip(1), fwd.flip(1)
+        if reference:
+            for stage in self.stages:
+                x = stage.forward_reference(x, fwd, bwd, self.align)
+                # Reverse time: the flow t -> t+1 of the reversed clip is the old flow t+1 -> t.
+                x, fwd, bwd = x.flip(1), bwd.flip(1), fwd.flip(1)
+        else:
+            windows = plan_windows(t, self.cfg)
+            reach = max(abs(i - win.ids[win.anchor]) for win in windows for i in win.ids if 0 <= i < t)
+            tables = flow_tables(fwd, bwd, reach)  # every window's flows, both directions
+            geometry: dict[bool, LayerGeometry] = {}
+            masks = self.stages[0].swsa.attention_masks((t, h, w), lqs.device) if self.stages else None
+            for n, stage in enumerate(self.stages):
+                reverse = n % 2 == 1  # odd layers run on the time-reversed clip
+                if reverse not in geometry:
+                    geometry[reverse] = layer_geometry(tables, windows, reverse, self.align)
+                x = stage(x, windows, geometry[reverse], self.align, masks).flip(1)
         if len(self.stages) % 2:
             x = x.flip(1)
 

@@ -218,18 +218,30 @@ class SWSA(nn.Module):
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        # x: (B, T, H, W, C)
+    def forward(self, x: Tensor, masks: dict[bool, Tensor | None] | None = None) -> Tensor:
+        """x: (B, T, H, W, C) -> same. masks: `attention_masks` of this size, if already built."""
         t, h, w = x.shape[1:4]
         win, shift = effective_window((t, h, w), self.window)
         tp, hp, wp = padded_size((t, h, w), win)
-        valid = None
-        if (tp, hp, wp) != (t, h, w):
+        if masks is None:
+            masks = self.attention_masks((t, h, w), x.device)
+        padded = (tp, hp, wp) != (t, h, w)
+        if padded:
             x = F.pad(x, (0, 0, 0, wp - w, 0, hp - h, 0, tp - t))
-            valid = torch.zeros((tp, hp, wp), dtype=torch.bool, device=x.device)
-            valid[:t, :h, :w] = True
-        y = self.forward_padded(x, valid, win, shift)
-        return y[:, :t, :h, :w].contiguous() if valid is not None else y
+        y = self.run_blocks(x, win, shift, masks)
+        return y[:, :t, :h, :w].contiguous() if padded else y
+
+    def attention_masks(self, size: Size3, device: torch.device) -> dict[bool, Tensor | None]:
+        """Masks of the plain (False) and shifted (True) blocks for a (T, H, W) input. They depend
+        on the size alone, so a network whose layers share it builds them once."""
+        win, shift = effective_window(size, self.window)
+        padded = padded_size(size, win)
+        valid = None
+        if padded != tuple(size):
+            valid = torch.zeros(padded, dtype=torch.bool, device=device)
+            valid[: size[0], : size[1], : size[2]] = True
+        return {False: build_attn_mask(padded, win, (0, 0, 0), valid, device),
+                True: build_attn_mask(padded, win, shift, valid, device)}
 
     def forward_padded(
         self, x: Tensor, valid: Tensor | None, win: Size3, shift: Size3
@@ -243,11 +255,13 @@ class SWSA(nn.Module):
         size = tuple(x.shape[1:4])
         if any(s % w for s, w in zip(size, win)):
             raise ValueError(f"padded size {size} not a multiple of window {win}")
-        no_shift = (0, 0, 0)
         masks = {
-            False: build_attn_mask(size, win, no_shift, valid, x.device),  # type: ignore[arg-type]
+            False: build_attn_mask(size, win, (0, 0, 0), valid, x.device),  # type: ignore[arg-type]
             True: build_attn_mask(size, win, shift, valid, x.device),  # type: ignore[arg-type]
         }
+        return self.run_blocks(x, win, shift, masks)
+
+    def run_blocks(self, x: Tensor, win: Size3, shift: Size3, masks: dict[bool, Tensor | None]) -> Tensor:
         for blk in self.blocks:
             x = blk(x, win, shift, masks[blk.shifted])
         return x

@@ -8,6 +8,7 @@ be slow and noisy.
 from __future__ import annotations
 
 import functools
+import warnings
 
 import torch
 
@@ -61,7 +62,13 @@ def resolve_impl(requested: str, device: torch.device) -> str:
     on_cuda = device.type == "cuda"
     if requested == "auto":
         if on_cuda:
-            return "cuda" if mamba_ssm_available() else "torch"
+            if mamba_ssm_available():
+                return "cuda"
+            # Python shows a warning once per call site: one line per process, not per scan.
+            warnings.warn("selective_scan: mamba-ssm's CUDA kernels are not installed; falling back to "
+                          "the pure-PyTorch scan on CUDA (several times slower; `make setup-cuda` builds "
+                          "them, model.scan_impl: torch silences this)", RuntimeWarning, stacklevel=2)
+            return "torch"
         if device.type == "cpu" and numba_available():
             return "numba"
         return "torch"

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["flow_warp", "compose_flow", "window_flows"]
+__all__ = ["flow_warp", "compose_flow", "window_flows", "warp_grid", "grid_warp", "flow_tables", "table_lookup"]
 
 
 def _normalise(coords: Tensor, size: int, align_corners: bool) -> Tensor:
@@ -137,3 +137,82 @@ def window_flows(
     g = torch.stack([gather.get(i, zero) for i in ids], dim=1)
     s = torch.stack([scatter.get(i, zero) for i in ids], dim=1)
     return g, s
+
+
+# ------------------------------------------------------------------------ batched (fast path)
+#
+# `window_flows` above builds one window's flows at a time: a few composed warps per window, T
+# windows per layer. The flows depend only on SpyNet's output, never on features, so every
+# window of every layer can take them from one table built once per forward pass. The table
+# composes hops in exactly the order `window_flows` does, so each entry is the same computation.
+
+
+def warp_grid(flow: Tensor, align_corners: bool = True) -> tuple[Tensor, Tensor]:
+    """`flow_warp`'s sampling grid (N, H, W, 2) and its still-pixel mask (N, 1, H, W), built once
+    so several warps by the same flow (or one warp of a precomputed flow) skip rebuilding it."""
+    h, w = flow.shape[-2:]
+    work = torch.float64 if flow.dtype == torch.float64 else torch.float32
+    fl = flow.to(work)
+    px = torch.arange(w, device=flow.device, dtype=work).view(1, 1, w) + fl[:, 0]
+    py = torch.arange(h, device=flow.device, dtype=work).view(1, h, 1) + fl[:, 1]
+    grid = torch.stack((_normalise(px, w, align_corners), _normalise(py, h, align_corners)), dim=-1)
+    return grid, (flow == 0).all(dim=1, keepdim=True)
+
+
+def grid_warp(x: Tensor, grid: Tensor, still: Tensor, padding_mode: str = "zeros",
+              align_corners: bool = True) -> Tensor:
+    """`flow_warp` over a grid from `warp_grid`: same values and gradients."""
+    xs = x.to(grid.dtype)
+    out = F.grid_sample(xs, grid, mode="bilinear", padding_mode=padding_mode, align_corners=align_corners)
+    exact = xs.detach() + (out - out.detach()) if torch.is_grad_enabled() and out.requires_grad else xs
+    return torch.where(still, exact, out).to(x.dtype)
+
+
+def _compose_many(pairs: list[tuple[Tensor, Tensor]]) -> list[Tensor]:
+    """`compose_flow` of several (f_ab, f_bc) pairs of shape (B, n_i, 2, H, W) in one warp call."""
+    sizes = [a.shape[1] for a, _ in pairs]
+    f_ab = torch.cat([a for a, _ in pairs], dim=1)
+    f_bc = torch.cat([b for _, b in pairs], dim=1)
+    out = f_ab + flow_warp(f_bc.flatten(0, 1), f_ab.flatten(0, 1), padding_mode="border").view_as(f_ab)
+    return list(out.split(sizes, dim=1))
+
+
+def flow_tables(fwd: Tensor, bwd: Tensor, reach: int) -> tuple[Tensor, Tensor]:
+    """Every flow between frames at most `reach` apart, for gathering and for scattering.
+
+    Returns (G, S), each (B, 2*reach + 1, T, 2, H, W) with G[:, reach + o, c] = f(c -> c + o) and
+    S[:, reach + o, i] = f(i -> i + o) (zero where i + o is outside the clip). `window_flows`
+    grows gather flows away from the anchor by appending the last hop, and scatter flows towards
+    it by prepending the first hop; G and S follow those orders. The two differ only from three
+    hops on, so S shares G's entries up to two hops.
+    """
+    b, n, _, h, w = fwd.shape
+    t = n + 1
+    zero = fwd.new_zeros(b, t, 2, h, w)
+    g: dict[int, Tensor] = {0: zero}
+    s: dict[int, Tensor] = {0: zero}
+    if n:
+        g[1] = s[1] = torch.cat([fwd, zero[:, :1]], dim=1)
+        g[-1] = s[-1] = torch.cat([zero[:, :1], bwd], dim=1)
+    for d in range(2, min(reach, n) + 1):
+        # Rows with a valid target: c in [0, t-d) forwards, c in [d, t) backwards.
+        pairs = [(g[d - 1][:, : t - d], fwd[:, d - 1:]),  # f(c->c+d-1), then hop c+d-1 -> c+d
+                 (g[-(d - 1)][:, d:], bwd[:, : t - d])]  # f(c->c-d+1), then hop c-d+1 -> c-d
+        if d >= 3:
+            pairs += [(fwd[:, : t - d], s[d - 1][:, 1: t - d + 1]),  # hop i -> i+1, then f(i+1->i+d)
+                      (bwd[:, d - 1:], s[-(d - 1)][:, d - 1: t - 1])]  # hop i -> i-1, then f(i-1->i-d)
+        out = _compose_many(pairs)
+        pad = zero[:, :d]
+        g[d], g[-d] = torch.cat([out[0], pad], dim=1), torch.cat([pad, out[1]], dim=1)
+        s[d], s[-d] = (torch.cat([out[2], pad], 1), torch.cat([pad, out[3]], 1)) if d >= 3 else (g[d], g[-d])
+    offsets = range(-reach, reach + 1)
+    return (torch.stack([g.get(o, zero) for o in offsets], dim=1),
+            torch.stack([s.get(o, zero) for o in offsets], dim=1))
+
+
+def table_lookup(table: Tensor, entries: Sequence[tuple[int, int]]) -> Tensor:
+    """Rows (offset, frame) of a `flow_tables` table as one (B, len(entries), 2, H, W) tensor."""
+    b, n_off, t = table.shape[:3]
+    reach = n_off // 2
+    index = torch.tensor([(o + reach) * t + f for o, f in entries], device=table.device, dtype=torch.long)
+    return table.flatten(1, 2).index_select(1, index)

@@ -30,6 +30,9 @@ logger = logging.getLogger("gsm.ops")
 # largest mmap threshold, so freed blocks are reused rather than page-faulted in afresh (64 MiB
 # blocks measured slower on CPU despite fewer Python-level steps).
 _TORCH_BLOCK_ELEMS = 1 << 22
+# On a GPU, every Python-level step is a kernel launch, so blocks are as large as memory allows:
+# 64M elements (256 MiB in float32) per temporary, one or two blocks for a paper training window.
+_TORCH_BLOCK_ELEMS_CUDA = 1 << 26
 # Floor for exponents in the torch scan. exp(-80) ~ 2e-35 is as good as 0 next to O(1) states,
 # while exp of very negative inputs (a chunk's summed log-decay reaches -1000s) and the denormals
 # it yields hit CPU slow paths, measured 30x slower than in-range inputs.
@@ -162,7 +165,8 @@ def _selective_scan_torch(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Ten
     u_s = u_p.reshape(batch, dim, n_chunks, chunk).permute(3, 0, 1, 2)
     Bc = B_p.reshape(batch, N, n_chunks, chunk).permute(3, 0, 2, 1).unsqueeze(2).contiguous()
     Cc = C_p.reshape(batch, N, n_chunks, chunk).permute(3, 0, 2, 1).unsqueeze(2).contiguous()
-    block = max(1, _TORCH_BLOCK_ELEMS // max(1, batch * steps * N))
+    elems = _TORCH_BLOCK_ELEMS_CUDA if u.is_cuda else _TORCH_BLOCK_ELEMS
+    block = max(1, elems // max(1, batch * steps * N))
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (dt_s, u_s, A, Bc, Cc))
     use_checkpoint = needs_grad and block < dim
     ys = []
@@ -212,7 +216,9 @@ class _NumbaSelectiveScan(torch.autograd.Function):
     """Autograd wrapper over the numba kernels (bias, softplus and gating happen in-kernel).
 
     The forward keeps only h at each time-chunk start (L / CHUNK states per row, a quarter of u's
-    size for N = 16); the backward recomputes the states inside each chunk.
+    size for N = 16); the backward recomputes the states inside each chunk. The kernels' inputs
+    are laid out once, in the forward, and the backward reuses those arrays (its own copies would
+    double the layout work); parameter gradients are reduced in numpy.
     """
 
     @staticmethod
@@ -226,53 +232,51 @@ class _NumbaSelectiveScan(torch.autograd.Function):
         N = A.shape[1]
         u_np = _to_numpy(u)
         dtype = u_np.dtype
+        arrays = (u_np, _to_numpy(delta), _optional_vector(delta_bias, dim, dtype), _to_numpy(A),
+                  _to_numpy(B.transpose(1, 2)), _to_numpy(C.transpose(1, 2)),
+                  _optional_vector(D, dim, dtype), _optional_seq(z, dtype))
         save = any(ctx.needs_input_grad)
         states = np.empty((batch, dim, chunk_count(L), N) if save else (1, 1, 1, 1), dtype=dtype)
         out = np.empty_like(u_np)
-        scan_fwd(u_np, _to_numpy(delta), _optional_vector(delta_bias, dim, dtype), delta_softplus,
-                 _to_numpy(A), _to_numpy(B.transpose(1, 2)), _to_numpy(C.transpose(1, 2)),
-                 _optional_vector(D, dim, dtype), _optional_seq(z, dtype), z is not None,
+        u_a, delta_a, bias_a, A_a, Bt_a, Ct_a, D_a, z_a = arrays
+        scan_fwd(u_a, delta_a, bias_a, delta_softplus, A_a, Bt_a, Ct_a, D_a, z_a, z is not None,
                  save, states, out, state_size_key(N))
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, torch.from_numpy(states))
-        ctx.delta_softplus = delta_softplus
+        if save:
+            ctx.arrays, ctx.states = arrays, states
+        ctx.has = (D is not None, z is not None, delta_bias is not None)
+        ctx.delta_softplus, ctx.dtype = delta_softplus, u.dtype
         return torch.from_numpy(out)
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         from gsm.ops._scan_numba import scan_bwd, state_size_key
 
-        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        batch, dim, L = u.shape
-        N = A.shape[1]
-        u_np = _to_numpy(u)
-        dtype = u_np.dtype
+        u_a, delta_a, bias_a, A_a, Bt_a, Ct_a, D_a, z_a = ctx.arrays
+        has_D, has_z, has_bias = ctx.has
+        batch, dim, L = u_a.shape
+        N = A_a.shape[1]
+        dtype = u_a.dtype
         groups = _scan_groups(batch, dim)
-        du = np.empty_like(u_np)
-        ddelta = np.empty_like(u_np)
-        dz = np.empty_like(u_np) if z is not None else np.empty((1, 1, 1), dtype=dtype)
+        du = np.empty_like(u_a)
+        ddelta = np.empty_like(u_a)
+        dz = np.empty_like(u_a) if has_z else np.empty((1, 1, 1), dtype=dtype)
         dA_rows = np.empty((batch, dim, N), dtype=dtype)
         dD_rows = np.empty((batch, dim), dtype=dtype)
         dbias_rows = np.empty((batch, dim), dtype=dtype)
         dB_part = np.zeros((groups, batch, L, N), dtype=dtype)
         dC_part = np.zeros((groups, batch, L, N), dtype=dtype)
-        scan_bwd(u_np, _to_numpy(delta), _optional_vector(delta_bias, dim, dtype),
-                 ctx.delta_softplus, _to_numpy(A), _to_numpy(B.transpose(1, 2)),
-                 _to_numpy(C.transpose(1, 2)), _optional_vector(D, dim, dtype),
-                 _optional_seq(z, dtype), z is not None, _to_numpy(dout.to(u.dtype)),
-                 states.numpy(), groups, du, ddelta, dz, dA_rows, dD_rows, dbias_rows, dB_part,
-                 dC_part, state_size_key(N))
+        scan_bwd(u_a, delta_a, bias_a, ctx.delta_softplus, A_a, Bt_a, Ct_a, D_a, z_a, has_z,
+                 _to_numpy(dout.to(ctx.dtype)), ctx.states, groups, du, ddelta, dz,
+                 dA_rows, dD_rows, dbias_rows, dB_part, dC_part, state_size_key(N))
 
         need = ctx.needs_input_grad
+        grad = lambda a, wanted: torch.from_numpy(a) if wanted else None  # noqa: E731
         return (
-            torch.from_numpy(du) if need[0] else None,
-            torch.from_numpy(ddelta) if need[1] else None,
-            torch.from_numpy(dA_rows).sum(0) if need[2] else None,
-            torch.from_numpy(dB_part).sum(0).transpose(1, 2) if need[3] else None,
-            torch.from_numpy(dC_part).sum(0).transpose(1, 2) if need[4] else None,
-            torch.from_numpy(dD_rows).sum(0) if D is not None and need[5] else None,
-            torch.from_numpy(dz) if z is not None and need[6] else None,
-            torch.from_numpy(dbias_rows).sum(0) if delta_bias is not None and need[7] else None,
-            None,
+            grad(du, need[0]), grad(ddelta, need[1]), grad(dA_rows.sum(0), need[2]),
+            grad(dB_part.sum(0), need[3]).transpose(1, 2) if need[3] else None,
+            grad(dC_part.sum(0), need[4]).transpose(1, 2) if need[4] else None,
+            grad(dD_rows.sum(0), has_D and need[5]), grad(dz, has_z and need[6]),
+            grad(dbias_rows.sum(0), has_bias and need[7]), None,
         )
 
 
