@@ -111,16 +111,20 @@ def test_zero_flow_gather_and_scatter_are_exact_identities_with_bilinear_alignme
     block = GSMBlock(TINY).eval()
     win, zero = _block_inputs()
     anchor = 2
+    align = BilinearAlign()
     with torch.no_grad():
-        out = block(win, zero, zero, anchor, [i == anchor for i in range(5)], BilinearAlign())
+        out = block.forward_reference(win, zero, zero, anchor, [i == anchor for i in range(5)], align)
+        geometry = align.prepare(zero[:, 1:].flatten(0, 1))  # the four moving slots
+        fast = torch.stack(block(win.unbind(1), geometry, geometry, anchor, 0, 5, align), dim=1)
         # The same block with no alignment and no scatter warp at all:
         b, k, c, h, w = win.shape
         y = block.mamba(block.norm1(win.permute(0, 3, 4, 1, 2).reshape(b, h * w * k, c)))
         y = y.view(b, h, w, k, c).permute(0, 3, 4, 1, 2)
         x = (block.scale1.view(1, 1, c, 1, 1) * win + y).permute(0, 1, 3, 4, 2)
         expect = (block.scale2 * x + block.ffn(block.norm2(x))).permute(0, 1, 4, 2, 3)
-    assert torch.equal(BilinearAlign()(win[:, 0], win[:, 1], zero[:, 1]), win[:, 1])
+    assert torch.equal(align.forward_pair(win[:, 0], win[:, 1], zero[:, 1]), win[:, 1])
     assert torch.equal(out, expect)
+    assert torch.equal(fast, expect)
 
 
 def test_implicit_alignment_attends_only_to_the_flow_targets_neighbours() -> None:
@@ -131,13 +135,15 @@ def test_implicit_alignment_attends_only_to_the_flow_targets_neighbours() -> Non
     flow = torch.zeros(1, 2, 8, 8)
     flow[:, 0] = 2.3  # every pixel samples around x + 2.3: neighbours x + 2 and x + 3
     with torch.no_grad():
-        base = align(ref, src, flow)
+        base = align.forward_pair(ref, src, flow)
+        # The batched form over the same geometry gives the same alignment.
+        torch.testing.assert_close(align(ref, src.unsqueeze(1), align.prepare(flow))[:, 0], base)
         far = src.clone()
         far[..., 0] += 100.0  # column 0 is never a neighbour of x + 2.3
         near = src.clone()
         near[..., 4] += 100.0  # column 4 neighbours pixels at x = 1 and x = 2
-        assert torch.equal(align(ref, far, flow), base)
-        changed = (align(ref, near, flow) - base).abs().amax(dim=(0, 1, 2))  # per column
+        assert torch.equal(align.forward_pair(ref, far, flow), base)
+        changed = (align.forward_pair(ref, near, flow) - base).abs().amax(dim=(0, 1, 2))  # per column
     assert torch.equal(changed > 0, torch.tensor([False, True, True, False, False, False, False, False]))
     # Columns 6 and 7 sample x + 8 and x + 9, outside the frame: zero padding, so only the output
     # projection's bias remains.

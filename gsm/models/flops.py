@@ -45,12 +45,15 @@ def count_macs(cfg: GSMConfig, t: int, h: int, w: int) -> MacCount:
     windows = t * cfg.prop_layers  # one GSM block call per frame per layer
     # Slots that need alignment / scatter warps: those not holding the anchor frame itself.
     moving = sum(_moving_slots(step, t, cfg) for step in range(t)) * cfg.prop_layers
+    aligning = sum(_moving_slots(step, t, cfg) > 0 for step in range(t)) * cfg.prop_layers  # windows
 
     swsa_linear, swsa_attention = swsa_macs_split(c, t, h, w, depth=cfg.attn_depth)
     length = k * p  # Mamba sequence length per window
     if cfg.align == "implicit":
-        align_dense = moving * (4 * c * c + 8 * c) * p  # q, k, v, out proj + 4-neighbour attention
-        align_other = 0
+        # q once per window (the anchor's), k, v and out proj per aligned slot; the 4-neighbour
+        # attention (q.k and the weighted sum of v, 8 MACs per channel) is elementwise.
+        align_dense = (aligning * c * c + moving * 3 * c * c) * p
+        align_other = moving * 8 * c * p
     else:
         align_dense, align_other = 0, moving * 4 * c * p  # bilinear: 4 taps per value
     dense = {
@@ -68,7 +71,7 @@ def count_macs(cfg: GSMConfig, t: int, h: int, w: int) -> MacCount:
         "swsa_attention": cfg.prop_layers * swsa_attention,
         # h = exp(dA) h + dB u (2 MACs per state element) and y = C h (1 MAC), plus D u and the gate.
         "scan": windows * length * dirs * d * (3 * n + 2),
-        "align_warp": align_other,
+        "align_attention" if cfg.align == "implicit" else "align_warp": align_other,
         "scatter_warp": moving * 4 * c * p if cfg.scatter else 0,
     }
     return MacCount(dense, other)

@@ -104,9 +104,10 @@ def depthwise_conv3d_k3(x: Tensor, weight: Tensor, bias: Tensor | None, as_2d: b
     """Depthwise 3x3x3 conv, zero padding 1, on channels-last x (B, K, H, W, D) -> same layout.
 
     as_2d computes it as one depthwise 2-D conv with three outputs per channel (one per temporal
-    tap; weight (D, 1, 3, 3, 3) read as (3D, 1, 3, 3)) and a shifted sum over K. cuDNN has no
-    depthwise 3-D kernel and its generic one is slow in backward, while depthwise 2-D convs have
-    fast kernels both ways; on CPU the 3-D conv is as fast, so it stays the default there.
+    tap; weight (D, 1, 3, 3, 3) read as (3D, 1, 3, 3)) and a shifted sum over K. cuDNN has no fast
+    depthwise 3-D backward (pytorch/pytorch#37406), so training on CUDA takes the 2-D form; its
+    forward is slower than the 3-D conv's at 180x320 (H200, bf16: 496 vs 288 ms per frame for the
+    whole network, reports/gpu_runtime.md), so inference keeps the 3-D conv, as does the CPU.
     """
     b, k, h, w, d = x.shape
     if not as_2d:
@@ -131,8 +132,8 @@ class WindowFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, as_2d: bool | None = None) -> Tensor:
-        """x: (B, K, H, W, C) -> same. as_2d: the conv's form; None picks by device."""
-        as_2d = x.is_cuda if as_2d is None else as_2d
+        """x: (B, K, H, W, C) -> same. as_2d: the conv's form; None: the 2-D form when training on CUDA."""
+        as_2d = x.is_cuda and torch.is_grad_enabled() if as_2d is None else as_2d
         h = depthwise_conv3d_k3(self.fc1(x), self.dwconv.weight, self.dwconv.bias, as_2d)
         return self.fc2(F.gelu(h))
 
