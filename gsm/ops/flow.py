@@ -55,26 +55,8 @@ def flow_warp(
             f"flow_warp: flow {tuple(flow.shape)} does not match x {tuple(x.shape)} "
             "in batch or spatial size"
         )
-    h, w = x.shape[-2:]
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
-    xs = x.to(work)
-    fl = flow.to(work)
-    px = torch.arange(w, device=x.device, dtype=work).view(1, 1, w) + fl[:, 0]
-    py = torch.arange(h, device=x.device, dtype=work).view(1, h, 1) + fl[:, 1]
-    grid = torch.stack(
-        (_normalise(px, w, align_corners), _normalise(py, h, align_corners)), dim=-1
-    )
-    out = F.grid_sample(
-        xs, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners
-    )
-    still = (flow == 0).all(dim=1, keepdim=True)
-    if torch.is_grad_enabled() and out.requires_grad:
-        # Value is xs exactly (out - out.detach() == 0); gradient is grid_sample's.
-        exact = xs.detach() + (out - out.detach())
-    else:
-        exact = xs
-    out = torch.where(still, exact, out)
-    return out.to(x.dtype)
+    return grid_warp(x, *warp_grid(flow.to(work), align_corners), padding_mode, align_corners, mode)
 
 
 def compose_flow(f_ab: Tensor, f_bc: Tensor, padding_mode: str = "border") -> Tensor:
@@ -160,10 +142,11 @@ def warp_grid(flow: Tensor, align_corners: bool = True) -> tuple[Tensor, Tensor]
 
 
 def grid_warp(x: Tensor, grid: Tensor, still: Tensor, padding_mode: str = "zeros",
-              align_corners: bool = True) -> Tensor:
-    """`flow_warp` over a grid from `warp_grid`: same values and gradients."""
+              align_corners: bool = True, mode: str = "bilinear") -> Tensor:
+    """`flow_warp` over a grid from `warp_grid`, sampled in the grid's dtype."""
     xs = x.to(grid.dtype)
-    out = F.grid_sample(xs, grid, mode="bilinear", padding_mode=padding_mode, align_corners=align_corners)
+    out = F.grid_sample(xs, grid, mode=mode, padding_mode=padding_mode, align_corners=align_corners)
+    # Value is xs exactly (out - out.detach() == 0); gradient is grid_sample's.
     exact = xs.detach() + (out - out.detach()) if torch.is_grad_enabled() and out.requires_grad else xs
     return torch.where(still, exact, out).to(x.dtype)
 
