@@ -162,22 +162,24 @@ class GSMBlock(nn.Module):
         anchor slot, or copies clamped at the clip's ends) and need no alignment. gather:
         `align.prepare` geometry and scatter: `warp_grid` grid and mask, of those M = hi - lo - 1
         slots in order, flattened to B*M. `align` is the network's single shared alignment module;
-        decays: `self.mamba.decays()`, built once per layer. Returns the K refined slots. Slots travel as tuples, stacked only where a layer needs the
-        window as one tensor: slicing a stacked window costs a zero-filled copy per slice in
-        backward, stacking costs nothing there.
+        decays: `self.mamba.decays()`, built once per layer. Returns the K refined slots.
+
+        Slots travel as tuples, stacked only where a layer needs the window as one tensor:
+        slicing a stacked window costs a zero-filled copy per slice in backward, stacking nothing.
         """
-        k, (b, c, h, w) = len(slots), slots[0].shape
+        k, c = len(slots), slots[0].shape[1]
         ref = slots[anchor]
         moving = [*range(lo, anchor), *range(anchor + 1, hi)]
+        # 1. gather: every moving slot aligned to the anchor in one call (B, M, C, H, W)
+        aligned = [ref] * k
         if moving:
             moved = align(ref, torch.stack([slots[i] for i in moving], dim=1), gather).unbind(1)
-            aligned = [ref] * k
             for i, m in zip(moving, moved):
                 aligned[i] = m
-        else:
-            aligned = [ref] * k
-        y = self.scan(aligned, decays).unbind(1)  # K x (B, C, H, W), anchor coordinates
+        # 2. temporal-first scan and bidirectional Mamba, in anchor coordinates
+        y = self.scan(aligned, decays).unbind(1)  # K x (B, C, H, W)
 
+        # 3. scatter: Mamba output warped back to each moving slot in one call, added as residual
         win = torch.stack(slots, dim=1)
         s = self.scale1.view(1, 1, c, 1, 1)
         if self.scatter:
@@ -190,7 +192,7 @@ class GSMBlock(nn.Module):
             out = s * win + torch.stack(update, dim=1)
         else:  # ablation: only the anchor receives the Mamba output
             out = torch.stack([s[0] * ref + y[anchor] if i == anchor else slots[i] for i in range(k)], dim=1)
-        return self.feed_forward(out).unbind(1)
+        return self.feed_forward(out).unbind(1)  # 4. FFN
 
     def scan(self, aligned: list[Tensor], decays: list[Tensor] | None = None) -> Tensor:
         """Bidirectional Mamba over the K aligned slots (B, C, H, W) -> (B, K, C, H, W)."""
