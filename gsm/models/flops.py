@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gsm.models.config import GSMConfig
-from gsm.models.gsmamba import window_slots
+from gsm.models.gsmamba import plan_windows
 from gsm.models.swsa import swsa_macs_split
 
 _SPYNET_CHANNELS = (8, 32, 64, 32, 16, 2)
@@ -44,8 +44,9 @@ def count_macs(cfg: GSMConfig, t: int, h: int, w: int) -> MacCount:
     dirs = 2 if cfg.bidirectional else 1
     windows = t * cfg.prop_layers  # one GSM block call per frame per layer
     # Slots that need alignment / scatter warps: those not holding the anchor frame itself.
-    moving = sum(_moving_slots(step, t, cfg) for step in range(t)) * cfg.prop_layers
-    aligning = sum(_moving_slots(step, t, cfg) > 0 for step in range(t)) * cfg.prop_layers  # windows
+    per_window = [win.hi - win.lo - 1 for win in plan_windows(t, cfg)]  # slots the block aligns
+    moving = sum(per_window) * cfg.prop_layers
+    aligning = sum(m > 0 for m in per_window) * cfg.prop_layers  # windows
 
     swsa_linear, swsa_attention = swsa_macs_split(c, t, h, w, depth=cfg.attn_depth)
     length = k * p  # Mamba sequence length per window
@@ -75,9 +76,3 @@ def count_macs(cfg: GSMConfig, t: int, h: int, w: int) -> MacCount:
         "scatter_warp": moving * 4 * c * p if cfg.scatter else 0,
     }
     return MacCount(dense, other)
-
-
-def _moving_slots(step: int, t: int, cfg: GSMConfig) -> int:
-    ids, anchor = window_slots(step, cfg)
-    clamped = [min(max(i, 0), t - 1) for i in ids]
-    return sum(j != clamped[anchor] for j in clamped)

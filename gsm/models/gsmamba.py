@@ -52,10 +52,13 @@ def plan_windows(t_len: int, cfg: GSMConfig) -> list[Window]:
     for t in range(t_len):
         ids, anchor = window_slots(t, cfg)
         frames = tuple(min(max(i, 0), t_len - 1) for i in ids)
-        same = [f == frames[anchor] for f in frames]
-        # Clamped copies of the anchor frame sit at the window's ends, next to the anchor.
-        lo = next(k for k in range(anchor + 1) if all(not same[j] for j in range(k, anchor)))
-        hi = next(k for k in range(len(ids), anchor, -1) if all(not same[j] for j in range(anchor + 1, k)))
+        # Clamped ids never decrease, so the slots holding the anchor's frame form one run around
+        # the anchor; the other frames lie on either side of it.
+        lo, hi = anchor, anchor + 1
+        while lo > 0 and frames[lo - 1] != frames[anchor]:
+            lo -= 1
+        while hi < len(ids) and frames[hi] != frames[anchor]:
+            hi += 1
         written = range(len(ids)) if cfg.scatter else [anchor]
         windows.append(Window(tuple(ids), frames, anchor, lo, hi,
                               tuple((k, ids[k]) for k in written if 0 <= ids[k] < t_len)))
