@@ -91,6 +91,13 @@ def build_attn_mask(
     return mask.masked_fill_(~allowed, float("-inf"))
 
 
+def block_masks(size: Size3, win: Size3, shift: Size3, valid: Tensor | None,
+                device: torch.device) -> dict[bool, Tensor | None]:
+    """`build_attn_mask` of the plain (False) and the shifted (True) blocks of a padded volume."""
+    return {False: build_attn_mask(size, win, (0, 0, 0), valid, device),
+            True: build_attn_mask(size, win, shift, valid, device)}
+
+
 class WindowAttention3D(nn.Module):
     """Multi-head self-attention inside 3-D windows with a relative position bias."""
 
@@ -240,8 +247,7 @@ class SWSA(nn.Module):
         if padded != tuple(size):
             valid = torch.zeros(padded, dtype=torch.bool, device=device)
             valid[: size[0], : size[1], : size[2]] = True
-        return {False: build_attn_mask(padded, win, (0, 0, 0), valid, device),
-                True: build_attn_mask(padded, win, shift, valid, device)}
+        return block_masks(padded, win, shift, valid, device)
 
     def forward_padded(
         self, x: Tensor, valid: Tensor | None, win: Size3, shift: Size3
@@ -255,10 +261,7 @@ class SWSA(nn.Module):
         size = tuple(x.shape[1:4])
         if any(s % w for s, w in zip(size, win)):
             raise ValueError(f"padded size {size} not a multiple of window {win}")
-        masks = {
-            False: build_attn_mask(size, win, (0, 0, 0), valid, x.device),  # type: ignore[arg-type]
-            True: build_attn_mask(size, win, shift, valid, x.device),  # type: ignore[arg-type]
-        }
+        masks = block_masks(size, win, shift, valid, x.device)  # type: ignore[arg-type]
         return self.run_blocks(x, win, shift, masks)
 
     def run_blocks(self, x: Tensor, win: Size3, shift: Size3, masks: dict[bool, Tensor | None]) -> Tensor:
