@@ -170,15 +170,15 @@ def _ref_round(v: float) -> int:
 
 
 def _ref_imresize_up(img: np.ndarray, scale: int) -> np.ndarray:
-    """Rows (dimension 1) first, intermediate rounded to uint8 as MATLAB's class-preserving pass."""
+    """im2uint8(imresize(im2double(img), scale)): rows (dimension 1) first, double throughout."""
     h, w, c = img.shape
     out = np.zeros((h * scale, w * scale, c), np.uint8)
     for ch in range(c):
-        cols = [[float(img[y, x, ch]) for y in range(h)] for x in range(w)]  # each column as a row
-        mid = [[_ref_round(v) for v in col] for col in _ref_resize_axis(cols, scale)]  # w x (h*s)
-        rows = [[float(mid[x][y]) for x in range(w)] for y in range(h * scale)]
+        cols = [[img[y, x, ch] / 255.0 for y in range(h)] for x in range(w)]  # each column as a row
+        mid = _ref_resize_axis(cols, scale)  # w x (h*s)
+        rows = [[mid[x][y] for x in range(w)] for y in range(h * scale)]
         res = _ref_resize_axis(rows, scale)
-        out[:, :, ch] = np.array([[_ref_round(v) for v in r] for r in res])
+        out[:, :, ch] = np.array([[_ref_round(v * 255.0) for v in r] for r in res])
     return out
 
 

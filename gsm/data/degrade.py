@@ -1,11 +1,11 @@
 """Low-resolution frame synthesis: the two degradations VSR papers report on, and the tree stage.
 
-* **BI** reproduces MATLAB ``imresize(img, 1/scale, 'bicubic')`` on uint8 frames, because REDS,
-  Vimeo-90K and Vid4 LR sets were made with it and PSNR differences of 0.01 dB are reported. That
-  includes MATLAB's class-preserving passes: ``imresize`` resizes one dimension at a time and its
-  per-dimension kernel returns the input class, so on uint8 the intermediate image is rounded and
-  saturated to uint8 before the second dimension (a float-throughout resize differs by 1 grey level
-  on a few pixels).
+* **BI** reproduces how the field's BI sets were made in MATLAB: ``im2double`` ->
+  ``imresize(img, 1/scale, 'bicubic')`` -> ``imwrite``. The resize runs in double precision and is
+  rounded once, when written (BasicSR's generate_LR_Vimeo90K.m and generate_bicubic_img.m). MATLAB's
+  uint8 path would round the intermediate after the first axis and clip away the cubic's negative
+  lobes; no benchmark was made that way, and it differs by up to several grey levels at dark pixels
+  beside bright edges.
 * **BD** reproduces the BasicVSR/DUF MATLAB script: ``imfilter(img, fspecial('gaussian', 12, 1.6),
   'replicate')`` (computed in double, rounded once) followed by ``img(scale/2:scale:end-scale/2)``.
 
@@ -124,19 +124,25 @@ def imresize_taps(in_len: int, scale: int, enlarge: bool = False) -> tuple[np.nd
     return weights, indices
 
 
-def bicubic_downsample(img: np.ndarray, scale: int = 4) -> np.ndarray:
-    """BI degradation: MATLAB ``imresize(img, 1/scale, 'bicubic')`` on uint8, after cropping.
+def imresize_double(img: np.ndarray, scale: int, enlarge: bool = False) -> np.ndarray:
+    """MATLAB ``im2uint8(imresize(im2double(img), f, 'bicubic'))`` with f = 1/scale or scale.
 
-    Rows (dimension 1) are resized first, as MATLAB does for equal scales; the intermediate is
-    rounded to uint8 like MATLAB's class-preserving pass. Returns uint8 of shape
-    (H // scale, W // scale[, C]).
+    Rows (dimension 1) first, as MATLAB orders equal scales; float64 throughout, so the second
+    pass sees the first one's overshoot; one round-half-up and saturation at the end (im2uint8).
     """
-    img = _crop_to_multiple(img, scale)
-    w_rows, i_rows = imresize_taps(img.shape[0], scale)
-    w_cols, i_cols = imresize_taps(img.shape[1], scale)
-    mid = round_half_away(apply_taps(img, 0, w_rows, i_rows))
-    out = round_half_away(apply_taps(mid, 1, w_cols, i_cols))
-    return np.ascontiguousarray(out.astype(np.uint8))
+    w_rows, i_rows = imresize_taps(img.shape[0], scale, enlarge)
+    w_cols, i_cols = imresize_taps(img.shape[1], scale, enlarge)
+    x = img.astype(np.float64) / 255.0
+    out = apply_taps(apply_taps(x, 0, w_rows, i_rows), 1, w_cols, i_cols)
+    return np.ascontiguousarray(round_half_away(out * 255.0).astype(np.uint8))
+
+
+def bicubic_downsample(img: np.ndarray, scale: int = 4) -> np.ndarray:
+    """BI degradation of a uint8 frame, cropped to a multiple of ``scale`` first.
+
+    Returns uint8 of shape (H // scale, W // scale[, C]); see ``imresize_double``.
+    """
+    return imresize_double(_crop_to_multiple(img, scale), scale)
 
 
 # ----------------------------------------------------------------------------------------------
