@@ -160,6 +160,22 @@ def degrade(
     typer.echo(f"{lr}: {s.clips_done} clips degraded ({s.frames_written} frames), {s.clips_skipped} already done")
 
 
+@app.command("flow-init")
+@one_line_errors
+def flow_init(
+    params: Path = typer.Option(Path("params.yaml"), help="params file: `data` and `flow_init` sections"),
+    runs: Path = typer.Option(Path("runs"), help="runs folder: writes <runs>/flow/spynet.pth"),
+    out: Path = typer.Option(Path("reports"), help="folder for flow_init.json (held-out EPE before/after)"),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
+) -> None:
+    """Distil SpyNet from OpenCV's DIS flow on the training frames: a starting flow without downloads."""
+    from gsm import stages
+
+    r = stages.flow_init(_load(params), runs, out, progress=progress)
+    typer.echo(f"flow_init: held-out EPE against DIS {r['heldout_epe_before']:.3f} -> {r['heldout_epe_after']:.3f} px "
+               f"(zero flow {r['heldout_zero_flow_epe']:.3f}); wrote {runs / 'flow' / 'spynet.pth'}")
+
+
 @app.command()
 @one_line_errors
 def train(

@@ -15,7 +15,7 @@ from gsm.data.sources import DEFAULT_SOURCES, Source, sources_from_dict
 from gsm.eval.config import EvalConfig
 from gsm.models.config import GSMConfig
 from gsm.tracking import MlflowConfig
-from gsm.train.config import TrainConfig
+from gsm.train.config import FlowInitConfig, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Params:
     model: GSMConfig = field(default_factory=GSMConfig)
     data: DataConfig = field(default_factory=DataConfig)
     sources: dict[str, Source] = field(default_factory=lambda: dict(DEFAULT_SOURCES))
+    flow_init: FlowInitConfig = field(default_factory=FlowInitConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     prefect: PrefectConfig = field(default_factory=PrefectConfig)
@@ -66,6 +67,7 @@ _SECTIONS: dict[str, Callable[[Any, str], Any]] = {
     "model": GSMConfig.from_dict,
     "data": DataConfig.from_dict,
     "sources": sources_from_dict,
+    "flow_init": FlowInitConfig.from_dict,
     "train": TrainConfig.from_dict,
     "eval": EvalConfig.from_dict,
     "prefect": PrefectConfig.from_dict,

@@ -16,10 +16,10 @@ from gsm.data.prepare import read_manifest
 from gsm.eval.protocols import TestResult, make_validator
 from gsm.ops.backend import resolve_device
 from gsm.params import Params, params_yaml
-from gsm.tracking import TrackingTarget, mlflow_errors, tracking_target
+from gsm.tracking import TrackingTarget, mlflow_errors, sha256_file, tracking_target
 from gsm.train.config import STAGES, resolve_init
 from gsm.train.data import reds_train_set, vimeo_train_set
-from gsm.train.trainer import TrainResult, train_stage
+from gsm.train.trainer import TrainResult, Validate, train_stage
 
 if TYPE_CHECKING:
     from gsm.registry.register import RegisterResult
@@ -49,6 +49,15 @@ def pack(p: Params, *, progress: bool = True) -> Path:
     return pack_data(p.data, p.sources, progress=progress)
 
 
+def flow_init(p: Params, runs: Path, reports: Path, *, progress: bool = True) -> dict[str, Any]:
+    """Stage 4: SpyNet distilled from OpenCV's DIS flow on the training frames (no download), written
+    to `<runs>/flow/spynet.pth` for `model.spynet_weights`; the held-out EPE goes to reports/flow_init.json."""
+    from gsm.train.flow_init import distil_spynet
+
+    return distil_spynet(read_manifest(p.data), p.flow_init, Path(runs) / "flow" / "spynet.pth",
+                         Path(reports) / "flow_init.json", progress=progress)  # fmt: skip
+
+
 def train(
     p: Params, stage: Stage, runs: Path, *, init_from: Path | None = None, restart_on_change: bool = False,
     progress: bool = True, tracking_uri: str | None = None,
@@ -67,6 +76,21 @@ def train(
     """
     manifest = read_manifest(p.data)
     cfg = p.train.stage(stage)
+    dataset, validate = train_inputs(p, manifest, stage)
+    tracking = tracking_target(p.mlflow, tracking_uri)
+    with mlflow_errors(tracking.uri if tracking else None):
+        return train_stage(
+            stage, cfg, p.model, dataset, Path(runs) / stage, seed=p.train.seed, validate=validate,
+            init_from=init_from or resolve_init(cfg.init_from, runs), device=p.train.device, progress=progress,
+            restart_on_change=restart_on_change, inputs=_inputs(p, manifest, stage),
+            tracking=tracking, params_snapshot=params_yaml(p),
+            run_params={"data.profile": p.data.profile, "data.backend": p.data.backend},
+        )  # fmt: skip
+
+
+def train_inputs(p: Params, manifest: dict[str, Any], stage: Stage) -> tuple[Any, Validate | None]:
+    """A stage's training set and its validator (None when `val_every` > `iters`), as `train` uses them."""
+    cfg = p.train.stage(stage)
     gt, lr, entry = train_stores(manifest, stage)
     if stage == "reds":
         dataset = reds_train_set(cfg, gt, lr, entry["train"], frames_per_clip=entry["frames_per_clip"], seed=p.train.seed)
@@ -77,15 +101,17 @@ def train(
         validate = make_validator(eval_sets(manifest, stage)[0], e.tile, e.tile_overlap,
                                   resolve_device(e.device, "eval.device"), chunk=e.chunk,
                                   chunk_overlap=e.chunk_overlap, max_clips=e.max_clips)  # fmt: skip
-    tracking = tracking_target(p.mlflow, tracking_uri)
-    with mlflow_errors(tracking.uri if tracking else None):
-        return train_stage(
-            stage, cfg, p.model, dataset, Path(runs) / stage, seed=p.train.seed, validate=validate,
-            init_from=init_from or resolve_init(cfg.init_from, runs), device=p.train.device, progress=progress,
-            restart_on_change=restart_on_change, inputs={"data": data_fingerprint(manifest, stage)},
-            tracking=tracking, params_snapshot=params_yaml(p),
-            run_params={"data.profile": p.data.profile, "data.backend": p.data.backend},
-        )  # fmt: skip
+    return dataset, validate
+
+
+def _inputs(p: Params, manifest: dict[str, Any], stage: Stage) -> dict[str, str]:
+    """What a run is made from besides params: the data, and a local SpyNet file's content (a new
+    distillation must restart the stage, not be taken for the finished run)."""
+    inputs = {"data": data_fingerprint(manifest, stage)}
+    weights = p.model.spynet_weights
+    if weights is not None and "://" not in weights and Path(weights).is_file():
+        inputs["spynet"] = sha256_file(Path(weights))
+    return inputs
 
 
 def data_fingerprint(manifest: dict[str, Any], stage: Stage) -> str:
@@ -123,12 +149,27 @@ def evaluate(
     sets = [s for kind in ("reds", "vimeo", "vid4") if manifest.get(kind) for s in eval_sets(manifest, kind)]
     logs = [Path(runs) / s / "metrics.jsonl" for s in STAGES if (Path(runs) / s / "metrics.jsonl").is_file()]
     info = {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": p.data.profile}
-    results = run_evaluation(model, sets, p.eval, out, train_logs=logs, info=info, progress=progress)
+    results = run_evaluation(model, sets, p.eval, out, train_logs=logs, info=info, progress=progress,
+                             baselines=read_baselines(Path(out) / "baselines.json", manifest))
     target = tracking_target(p.mlflow, tracking_uri)
     if target is not None:
         with mlflow_errors(target.uri):
             _log_evaluation(target, p, info, Path(out))
     return results
+
+
+def read_baselines(path: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The baselines measured on this profile (benchmarks/plain_cnn.py), each marked `same_data`
+    when it was trained on exactly the data in `manifest`. A missing file: none."""
+    if not path.is_file():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    current = {s: data_fingerprint(manifest, s) for s in STAGES if manifest.get(s)}
+    return {name: {**e, "same_data": e.get("data") == current} for name, e in entries.items()
+            if isinstance(e, dict) and e.get("profile") == manifest.get("profile")}  # fmt: skip
 
 
 def _log_evaluation(target: TrackingTarget, p: Params, info: dict[str, str], out: Path) -> str:

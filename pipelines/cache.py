@@ -49,6 +49,12 @@ def _init(a: Args) -> list[Path]:
     return [start] if start else []
 
 
+def _spynet(a: Args) -> list[Path]:
+    """A local `model.spynet_weights` file (the flow_init stage's output): its content is an input."""
+    weights = a["p"].model.spynet_weights
+    return [Path(weights)] if weights is not None and "://" not in weights else []
+
+
 def _checkpoint(a: Args) -> Path:
     return Path(a["checkpoint"]) if a.get("checkpoint") else final_checkpoint(a["runs"])
 
@@ -81,7 +87,7 @@ class StageSpec:
 def _train(stage: str) -> StageSpec:
     """train_reds / finetune_vimeo: the same stage function, each with its own recipe section."""
     return StageSpec(
-        inputs=lambda a: [_manifest(a), *_init(a)],
+        inputs=lambda a: [_manifest(a), *_init(a), *_spynet(a)],
         outputs=lambda a: [Path(a["runs"]) / stage / "checkpoints" / "last.pt"],
     )  # fmt: skip
 
@@ -90,6 +96,7 @@ SPECS: dict[str, StageSpec] = {
     "download": StageSpec(lambda a: [], lambda a: [a["p"].data.source_dir / INDEX]),
     "degrade": StageSpec(lambda a: [a["p"].data.source_dir / INDEX], lambda a: [a["p"].data.lr_dir / INDEX]),
     "pack": StageSpec(lambda a: [a["p"].data.lr_dir / INDEX], lambda a: [_manifest(a)]),
+    "flow_init": StageSpec(lambda a: [_manifest(a)], lambda a: [Path(a["runs"]) / "flow" / "spynet.pth"]),
     "train_reds": _train("reds"),
     "finetune_vimeo": _train("vimeo"),
     "evaluate": StageSpec(lambda a: [_manifest(a), _checkpoint(a)], lambda a: [Path(a["out"]) / "metrics.json"]),

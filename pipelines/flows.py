@@ -1,6 +1,6 @@
 """Prefect flows over gsm.stages: the functions DVC's stages run through `gsm`, never a second copy.
 
-* `gsm-pipeline`: download -> degrade -> pack -> train reds -> train vimeo -> evaluate -> register,
+* `gsm-pipeline`: download -> degrade -> pack -> flow_init -> train reds -> train vimeo -> evaluate -> register,
   the DVC chain plus registration. Download retries (`prefect.download_retries`, with
   `prefect.retry_delay_s` between tries); every stage is cached on what DVC would compare
   (pipelines.cache), so a rerun with unchanged params, inputs and code skips it.
@@ -46,6 +46,11 @@ def degrade(p: Params, progress: bool = False) -> Path:
 @task(name="pack", cache_policy=StageCache(stage="pack"))
 def pack(p: Params, progress: bool = False) -> Path:
     return stages.pack(p, progress=progress)
+
+
+@task(name="flow_init", cache_policy=StageCache(stage="flow_init"))
+def flow_init(p: Params, runs: Path, reports: Path, progress: bool = False) -> Any:
+    return stages.flow_init(p, runs, reports, progress=progress)
 
 
 @task(name="train", task_run_name="train-{stage}", cache_policy=StageCache(stage="train"))
@@ -111,6 +116,7 @@ def pipeline(params: str = "params.yaml", runs: str | None = None, reports: str 
     p = load_params(params)
     runs_dir, reports_dir = default_runs(p, runs), Path(reports)
     manifest = prepare(p, progress)
+    run_stage(flow_init, p, runs=runs_dir, reports=reports_dir, progress=progress)
     # As DVC does (`--restart-on-change`): a stage rerun because its params changed starts over.
     reds = run_stage(train, p, stage="reds", runs=runs_dir, restart_on_change=True, progress=progress)
     vimeo = run_stage(train, p, stage="vimeo", runs=runs_dir, restart_on_change=True, progress=progress)

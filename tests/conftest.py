@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 TINY_MODEL = dict(embed_dim=16, num_heads=2, prop_layers=1, attn_depth=1, d_state=4, mid_channels=16, window=3,
-                  scan_impl="torch")  # fmt: skip
+                  scan_impl="torch", spynet_weights=None)  # fmt: skip
 TINY_STAGE = dict(iters=3, batch_size=2, gt_size=16, lr=1e-3, fix_flow=1, workers=0, ckpt_every=2, val_every=2,
                   log_every=1, ema_decay=0.5)  # fmt: skip
 
@@ -43,6 +43,7 @@ def tiny_params_dict(root: Path) -> dict[str, Any]:
         "train": {"seed": 0, "device": "cpu", "reds": {**TINY_STAGE, "num_frames": 2, "repeat": 1},
                   "vimeo": dict(TINY_STAGE)},
         "eval": {"device": "cpu", "max_clips": 1, "crop_size": 16},
+        "flow_init": {"iters": 2, "batch_size": 2, "patch": 32, "max_pairs": 3},
     })  # fmt: skip
 
 

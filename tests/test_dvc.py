@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import REPO, merged, tiny_params_dict
 
-ALL = ["download", "degrade", "pack", "train_reds", "finetune_vimeo", "evaluate", "register", "model_report"]
+ALL = ["download", "degrade", "pack", "flow_init", "train_reds", "finetune_vimeo", "evaluate", "register", "model_report"]
 
 
 class Project:
@@ -53,6 +53,12 @@ class Project:
         return json.loads((self.root / "reports" / "metrics.json").read_text())
 
 
+def _no_baselines(root: Path) -> None:
+    """reports/baselines.json as committed before any baseline is measured (an evaluate dependency)."""
+    (root / "reports").mkdir(exist_ok=True)
+    (root / "reports" / "baselines.json").write_text("{}\n")
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     root = tmp_path_factory.mktemp("dvc_project")
@@ -61,7 +67,9 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Project]:
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     params = tiny_params_dict(root)
     params["data"]["root"] = "data"  # relative, as in the real params.yaml
+    params["model"]["spynet_weights"] = "runs/quickstart/flow/spynet.pth"  # the flow_init stage's, as there
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    _no_baselines(root)
     p = Project(root)
     p.run("git", "init", "-q")
     p.run("dvc", "init", "-q")
@@ -80,6 +88,7 @@ def test_repro_runs_all_then_nothing_and_is_reproducible(project: Project) -> No
     # From a clean state again: the same scores, to the last digit.
     for out in ("data", "runs", "reports", ".dvc/cache"):  # the cache too: its run-cache would restore outputs
         shutil.rmtree(project.root / out)
+    _no_baselines(project.root)
     assert project.repro() == ALL
     assert project.metrics() == first
     registry = json.loads((project.root / "reports" / "registry.json").read_text())
@@ -99,7 +108,11 @@ def test_param_changes_rerun_exactly_downstream(project: Project) -> None:
     assert project.repro() == ["pack"]
 
     project.set_param("data.quickstart.reds_gap", 3)  # other frames: everything after download
-    assert project.repro() == ["download", "degrade", "pack", "train_reds", "finetune_vimeo", "evaluate", "register"]
+    assert project.repro() == ["download", "degrade", "pack", "flow_init", "train_reds", "finetune_vimeo", "evaluate",
+                               "register"]  # fmt: skip
+
+    project.set_param("flow_init.iters", 3)  # another starting SpyNet: both trainings rerun
+    assert project.repro() == ["flow_init", "train_reds", "finetune_vimeo", "evaluate", "register"]
 
     project.set_param("mlflow.gate_tolerance", 0.5)
     assert project.repro() == ["register"]

@@ -132,10 +132,37 @@ def _params_text(model_info: Mapping[str, Any]) -> str:
     return f"{n / 1e6:.2f}M" if isinstance(n, (int, float)) and not isinstance(n, bool) else "?"
 
 
+def baselines_markdown(results: Mapping[str, TestResult], baselines: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Rows of the baselines trained on this data (benchmarks/, reports/baselines.json) beside ours.
+
+    An entry whose `same_data` is false was measured on other data: shown, and marked stale.
+    """
+    if not baselines:
+        return []
+    lines = ["", "## Baselines trained here", ""]
+    for b in baselines.values():
+        lines += [
+            f"{b['title']}: `{b['command']}`, trained by the same trainer on the same data and recipe for the "
+            f"GSM run's wall-clock ({sum(b['gsm_train_seconds'].values()):.0f} s), on {b['machine']}, "
+            f"commit {b['commit']}, {b['date']}; {b['params']:,} parameters.",
+            "",
+        ]
+        if not b.get("same_data", True):
+            lines += ["**Stale: measured on other data than this run's; rerun the command above.**", ""]
+        lines += ["| test set | ours (this run) | baseline | bicubic |", "|---|---|---|---|"]
+        for name, sc in b["scores"].items():
+            ours = _fmt(results[name].psnr, results[name].ssim) if name in results else "not run"
+            lines.append(f"| {name} | {ours} | {_fmt(sc['psnr'], sc['ssim'])} "
+                         f"| {_fmt(sc['bicubic_psnr'], sc['bicubic_ssim'])} |")  # fmt: skip
+        lines.append("")
+    return lines[:-1]
+
+
 def benchmark_markdown(
-    results: Mapping[str, TestResult], model_info: Mapping[str, Any], plots: Sequence[Path], out_dir: Path
+    results: Mapping[str, TestResult], model_info: Mapping[str, Any], plots: Sequence[Path], out_dir: Path,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """benchmark.md: this run, the SPEC 5 comparison, the plots (linked relative to out_dir)."""
+    """benchmark.md: this run, the baselines trained here, the SPEC 5 comparison, the plots."""
     lines = ["# Benchmark (x4 video super-resolution)", ""]
     if model_info:
         lines += ["## Model", ""]
@@ -158,6 +185,7 @@ def benchmark_markdown(
             f"| {r.frames} | {_fmt(r.psnr, r.ssim)} | {_fmt(r.bicubic_psnr, r.bicubic_ssim)} "
             f"| {gain_text} | {r.seconds:.1f} |"
         )
+    lines += baselines_markdown(results, baselines or {})
     header = "| method | " + " | ".join(title for _, title in PAPER_COLUMNS) + " | params |"
     lines += [
         "",
@@ -360,11 +388,12 @@ def write_reports(
     model_info: Mapping[str, Any],
     train_logs: Sequence[Path] = (),
     crop_size: int | None = 128,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json, per_clip.csv, benchmark.md and plots/*.png under out_dir; returns them by name.
 
     train_logs: the trainer's metrics.jsonl files (missing files are an error; files without loss or
-    validation records just yield no curve). crop_size: side of the crop figures in GT pixels
+    validation records just yield no curve). baselines: see baselines_markdown. crop_size: side of the crop figures in GT pixels
     (None: no crop figures; results without a showcase frame get none either).
     """
     if not results:
@@ -398,7 +427,7 @@ def write_reports(
     atomic_write_text(out_dir / "curves" / "train.csv", train_csv)
     atomic_write_text(out_dir / "curves" / "val.csv", val_csv)
     atomic_write_text(out_dir / "per_clip.csv", per_clip_csv(results))
-    atomic_write_text(out_dir / "benchmark.md", benchmark_markdown(results, model_info, plots, out_dir))
+    atomic_write_text(out_dir / "benchmark.md", benchmark_markdown(results, model_info, plots, out_dir, baselines))
     written.update(metrics=out_dir / "metrics.json", per_clip=out_dir / "per_clip.csv",
                    benchmark=out_dir / "benchmark.md", runtime=out_dir / "runtime.json",
                    train_curve=out_dir / "curves" / "train.csv", val_curve=out_dir / "curves" / "val.csv")  # fmt: skip

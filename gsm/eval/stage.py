@@ -73,12 +73,15 @@ def run_evaluation(
     train_logs: Sequence[Path] = (),
     info: Mapping[str, Any] | None = None,
     progress: bool = True,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, TestResult]:
-    """select_sets + evaluate_sets + write_reports; `info` adds to the model facts in the reports."""
+    """select_sets + evaluate_sets + write_reports; `info` adds to the model facts in the reports,
+    `baselines` (reports/baselines.json) go beside our scores in benchmark.md."""
     sets = select_sets(available, cfg.sets)
     results = evaluate_sets(model, sets, cfg, progress=progress)
     facts = {**model_info(model), **dict(info or {})}
-    write_reports(results, out_dir, model_info=facts, train_logs=train_logs, crop_size=cfg.crop_size)
+    write_reports(results, out_dir, model_info=facts, train_logs=train_logs, crop_size=cfg.crop_size,
+                  baselines=baselines)
     return results
 
 

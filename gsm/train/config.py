@@ -132,6 +132,36 @@ class TrainConfig:
         return getattr(self, name)
 
 
+DIS_PRESETS: tuple[str, ...] = ("ultrafast", "fast", "medium")
+
+
+@dataclass(frozen=True)
+class FlowInitConfig:
+    """SpyNet distilled from DIS flows (gsm.train.flow_init; params.yaml `flow_init`)."""
+
+    iters: int = 400
+    batch_size: int = 8
+    patch: int = 64  # LR patch side (frames smaller than that are taken whole)
+    lr: float = 1e-3  # Adam, cosine to lr / 100
+    max_pairs: int = 300  # frame pairs drawn from the training clips (each gives both directions)
+    preset: str = "medium"  # DIS preset: ultrafast | fast | medium
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("iters", "batch_size", "patch", "max_pairs"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"flow_init.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"flow_init.lr must be a positive number, got {self.lr!r}")
+        if self.preset not in DIS_PRESETS:
+            raise ValueError(f"flow_init.preset must be one of {', '.join(DIS_PRESETS)}, got {self.preset!r}")
+
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], where: str = "flow_init") -> FlowInitConfig:
+        return from_mapping(cls, values, where)
+
+
 def stage_differences(old: dict[str, Any], new: StageConfig, *, ignore: frozenset[str] = OPERATIONAL_FIELDS
                       ) -> list[str]:
     """`name old != new` for each field that changes the training trajectory."""

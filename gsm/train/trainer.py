@@ -186,6 +186,7 @@ def train_stage(
     tracking: TrackingTarget | None = None,
     run_params: Mapping[str, str] | None = None,
     params_snapshot: str | None = None,
+    network: Callable[[], nn.Module] | None = None,
 ) -> TrainResult:
     """Train (or resume, or just report a finished) stage into out_dir.
 
@@ -204,6 +205,8 @@ def train_stage(
     `restart_on_change`: a last.pt written with other settings (network, recipe, seed, inputs) is deleted
     and the stage starts over, instead of the default error. Pipelines use it: they rerun a stage
     precisely because its params changed, and the old run is then obsolete.
+    `network`: builds another network to train instead of GSMamba(model_cfg), with the same recipe
+    (benchmark baselines); its class name is stored and a run only resumes into the same class.
     """
     if tracking is None:
         uri = tracking_uri_from_env(tracking_uri)
@@ -213,7 +216,7 @@ def train_stage(
         return _train(stage, cfg, model_cfg, train_set, Path(out_dir), seed=seed, validate=validate,
                       init_from=init_from, device=dev, progress=progress, tracking=tracking,
                       run_params=dict(run_params or {}), params_snapshot=params_snapshot,
-                      restart_on_change=restart_on_change, inputs=inputs, d=d)
+                      restart_on_change=restart_on_change, inputs=inputs, d=d, network=network)
     finally:
         if d.owns_group:
             dist.destroy_process_group()
@@ -224,6 +227,7 @@ def _train(
     validate: Validate | None, init_from: Path | None, device: torch.device, progress: bool,
     tracking: TrackingTarget | None, run_params: dict[str, str], params_snapshot: str | None,
     restart_on_change: bool, inputs: Mapping[str, str] | None, d: _Dist,
+    network: Callable[[], nn.Module] | None = None,
 ) -> TrainResult:
     ckpt_dir = out_dir / "checkpoints"
     last_path, best_path, metrics_path = ckpt_dir / "last.pt", ckpt_dir / "best.pt", out_dir / "metrics.jsonl"
@@ -234,12 +238,13 @@ def _train(
 
     # What the run is made from besides params: a resumed run must have been made from the same.
     made_from = dict(inputs or {})
+    arch = "GSMamba" if network is None else type(network()).__name__
     if init_from is not None:
         made_from["init_from"] = sha256_file(init_from)
     resume = load_checkpoint(last_path) if last_path.is_file() else None
     if resume is not None and restart_on_change and d.main:
         try:
-            _check_resumable(resume, stage, cfg, model_cfg, seed, made_from, last_path)
+            _check_resumable(resume, stage, cfg, model_cfg, seed, made_from, last_path, arch)
         except ValueError as exc:
             log.warning("%s; starting %s over", exc, out_dir)
             shutil.rmtree(ckpt_dir)
@@ -249,20 +254,20 @@ def _train(
     if restart_on_change and d.world_size > 1:  # the other ranks follow rank 0's decision
         resume = load_checkpoint(last_path) if last_path.is_file() else None
     if resume is not None:
-        _check_resumable(resume, stage, cfg, model_cfg, seed, made_from, last_path)
+        _check_resumable(resume, stage, cfg, model_cfg, seed, made_from, last_path, arch)
         if int(resume["data"].get("items", n_items)) != n_items:
             raise ValueError(f"{last_path} was written while training on {resume['data']['items']} items, "
                              f"the train set now has {n_items}: the data stream would not continue")
-        model = build_model(model_cfg)
+        model = build_model(model_cfg) if network is None else network()
         load_weights(model, resume["model"], last_path)
     elif init_from is not None:
         init = load_checkpoint(Path(init_from))
         check_compatible(init["config"], model_cfg, init_from)
-        model = build_model(model_cfg)
+        model = build_model(model_cfg) if network is None else network()
         load_weights(model, weights_of(init, use_ema=True), init_from)
     else:
         torch.manual_seed(seed)
-        model = GSMamba(model_cfg)
+        model = GSMamba(model_cfg) if network is None else network()
     model.to(device).train()
 
     start = int(resume["iter"]) if resume is not None else 0
@@ -313,7 +318,7 @@ def _train(
         return {
             "format": FORMAT, "stage": stage, "iter": it, "loss": loss_value, "best": best,
             "elapsed": elapsed0 + time.monotonic() - t0, "seed": seed, "world_size": d.world_size,
-            "config": model_cfg.to_dict(), "train_config": to_mapping(cfg),
+            "network": arch, "config": model_cfg.to_dict(), "train_config": to_mapping(cfg),
             "model": model.state_dict(), "ema": ema.state_dict() if ema is not None else None,
             "optimizer": optimizer.state_dict(),
             "scheduler": {"kind": "cosine", "iters": cfg.iters, "lr": cfg.lr, "eta_min": cfg.eta_min,
@@ -425,10 +430,12 @@ def _flush(metrics: MetricsFile | None, mlrun: MlflowRun | None) -> None:
 
 
 def _check_resumable(state: dict[str, Any], stage: str, cfg: StageConfig, model_cfg: GSMConfig, seed: int,
-                     made_from: Mapping[str, str], path: Path) -> None:
+                     made_from: Mapping[str, str], path: Path, arch: str = "GSMamba") -> None:
     """A checkpoint only resumes the run that wrote it: same stage, network, recipe, seed and inputs."""
     if state.get("stage") != stage:
         raise ValueError(f"{path} belongs to stage {state.get('stage')!r}, not {stage!r}: use another out_dir")
+    if state.get("network", "GSMamba") != arch:
+        raise ValueError(f"{path} holds a {state.get('network')} run, not {arch}: use another out_dir")
     check_compatible(state["config"], model_cfg, path)
     diffs = stage_differences(state.get("train_config") or {}, cfg)
     if state.get("seed") != seed:

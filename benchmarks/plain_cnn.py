@@ -1,0 +1,171 @@
+"""The plain 3-frame CNN baseline, trained like the quickstart GSM and scored beside it.
+
+    .venv/bin/python benchmarks/plain_cnn.py [--params params.yaml] [--runs runs/quickstart]
+        [--out reports] [--calibrate 10]
+
+Same trainer (gsm.train.trainer), same data, same recipe per stage (batch, clip length, patch, lr
+schedule, EMA), same wall-clock: each stage gets as many iterations as fit in the time the GSM run
+in `--runs` took for that stage (its metrics.jsonl), at the CNN's own step time measured first on
+`--calibrate` iterations. Then the CNN is scored on the same test sets as `gsm evaluate`.
+
+Writes <out>/baselines.json (read by `gsm evaluate`, which puts the row into benchmark.md beside
+ours and bicubic; rerun `dvc repro` afterwards) and <out>/baselines.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gsm import stages  # noqa: E402
+from gsm.data.catalog import eval_sets  # noqa: E402
+from gsm.data.prepare import read_manifest  # noqa: E402
+from gsm.eval.protocols import evaluate_model  # noqa: E402
+from gsm.io import atomic_write_json, atomic_write_text, cpu_name  # noqa: E402
+from gsm.models.plain_cnn import PlainCNN, PlainCNNConfig  # noqa: E402
+from gsm.ops.backend import resolve_device  # noqa: E402
+from gsm.params import Params, load_params  # noqa: E402
+from gsm.train.checkpoint import load_checkpoint, load_weights, weights_of  # noqa: E402
+from gsm.train.config import STAGES  # noqa: E402
+from gsm.train.trainer import train_stage  # noqa: E402
+
+NAME = "plain_cnn"
+TITLE = "Plain 3-frame CNN (6 residual blocks, 32 channels)"
+
+
+def stage_seconds(metrics: Path) -> float:
+    """Wall-clock of a finished training stage: the `time` of its last iteration record."""
+    if not metrics.is_file():
+        raise FileNotFoundError(f"{metrics}: no training log; train the quickstart first (`make repro`)")
+    times = [r["time"] for r in map(json.loads, metrics.read_text().splitlines()) if "time" in r]
+    if not times:
+        raise ValueError(f"{metrics}: no iteration records")
+    return float(times[-1])
+
+
+def _train(p: Params, stage: str, iters: int, out: Path, init: Path | None) -> Path:
+    """Train the CNN for one stage with that stage's recipe, `iters` iterations, no validation."""
+    manifest = read_manifest(p.data)
+    cfg = replace(p.train.stage(stage), iters=iters, val_every=iters + 1, ckpt_every=iters, init_from=None)
+    dataset, _ = stages.train_inputs(replace(p, train=replace(p.train, **{stage: cfg})), manifest, stage)  # type: ignore[arg-type]
+    r = train_stage(stage, cfg, p.model, dataset, out / stage, seed=p.train.seed, init_from=init,
+                    device=p.train.device, network=lambda: PlainCNN(PlainCNNConfig()), progress=True)  # fmt: skip
+    return r.last
+
+
+def _seconds_per_iter(log: Path) -> float:
+    rows = [r for r in map(json.loads, log.read_text().splitlines()) if "time" in r]
+    # Skip the first iteration (allocator and oneDNN warm-up), as the long run amortises it.
+    return (rows[-1]["time"] - rows[0]["time"]) / max(1, len(rows) - 1)
+
+
+def _score(p: Params, checkpoint: Path) -> dict[str, Any]:
+    manifest = read_manifest(p.data)
+    model = PlainCNN(PlainCNNConfig())
+    load_weights(model, weights_of(load_checkpoint(checkpoint)), checkpoint)
+    device = resolve_device(p.eval.device, "eval.device")
+    model.to(device).eval()
+    scores: dict[str, Any] = {}
+    for kind in ("reds", "vimeo", "vid4"):
+        if not manifest.get(kind):
+            continue
+        for ts in eval_sets(manifest, kind):  # type: ignore[arg-type]
+            r = evaluate_model(model, ts, tile=p.eval.tile, tile_overlap=p.eval.tile_overlap, chunk=p.eval.chunk,
+                               chunk_overlap=p.eval.chunk_overlap, device=device, keep=False,
+                               max_clips=p.eval.max_clips)  # fmt: skip
+            scores[ts.name] = {"psnr": round(r.psnr, 4), "ssim": round(r.ssim, 4),
+                               "bicubic_psnr": round(r.bicubic_psnr, 4), "bicubic_ssim": round(r.bicubic_ssim, 4)}
+    return scores
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run(params: Path, runs: Path, out: Path, calibrate: int) -> dict[str, Any]:
+    p = load_params(params)
+    gsm_seconds = {s: stage_seconds(runs / s / "metrics.jsonl") for s in STAGES}
+    manifest = read_manifest(p.data)
+    iters: dict[str, int] = {}
+    seconds: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="gsm-plain-cnn-") as tmp:
+        work, init = Path(tmp), None
+        for stage in STAGES:
+            probe = _train(p, stage, calibrate, work / "calibrate", init)
+            step = _seconds_per_iter(probe.parent.parent / "metrics.jsonl")
+            iters[stage] = max(calibrate, round(gsm_seconds[stage] / step))
+            init = _train(p, stage, iters[stage], work / "run", init)
+            seconds[stage] = stage_seconds(work / "run" / stage / "metrics.jsonl")
+        scores = _score(p, init)  # type: ignore[arg-type]
+    model = PlainCNN(PlainCNNConfig())
+    entry = {
+        "title": TITLE, "config": PlainCNNConfig().to_dict(), "params": sum(x.numel() for x in model.parameters()),
+        "iters": iters, "train_seconds": seconds, "gsm_train_seconds": gsm_seconds, "scores": scores,
+        "data": {s: stages.data_fingerprint(manifest, s) for s in STAGES},  # type: ignore[arg-type]
+        "profile": p.data.profile, "commit": _commit(), "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
+        "python": platform.python_version(), "torch": torch.__version__, "date": dt.date.today().isoformat(),
+        "command": "python benchmarks/plain_cnn.py " + " ".join(sys.argv[1:]),
+    }  # fmt: skip
+    path = out / "baselines.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    atomic_write_json(path, {**existing, NAME: entry})
+    atomic_write_text(out / "baselines.md", markdown(entry, out))
+    return entry
+
+
+def markdown(e: dict[str, Any], out: Path) -> str:
+    gsm = json.loads((out / "metrics.json").read_text())["test_sets"] if (out / "metrics.json").is_file() else {}
+    lines = [f"# Baseline: {e['title']}", "",
+             f"`{e['command']}` on {e['machine']}, commit {e['commit']}, {e['date']}.", "",
+             "Trained by gsm's trainer on the quickstart data with each stage's recipe, for the GSM run's "
+             "wall-clock per stage:", "",
+             "| stage | GSM seconds | CNN seconds | CNN iterations |", "|---|---|---|---|"]  # fmt: skip
+    for s in e["iters"]:
+        lines.append(f"| {s} | {e['gsm_train_seconds'][s]:.0f} | {e['train_seconds'][s]:.0f} | {e['iters'][s]} |")
+    lines += ["", "| test set | plain CNN | GSM-VSR (reports/metrics.json) | bicubic |", "|---|---|---|---|"]
+    for name, sc in e["scores"].items():
+        ours = gsm.get(name, {})
+        ours_text = f"{ours['psnr']:.2f} / {ours['ssim']:.4f}" if "psnr" in ours else "not run"
+        lines.append(f"| {name} | {sc['psnr']:.2f} / {sc['ssim']:.4f} | {ours_text} "
+                     f"| {sc['bicubic_psnr']:.2f} / {sc['bicubic_ssim']:.4f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--runs", type=Path, default=None, help="the GSM run to match (default runs/<profile>)")
+    ap.add_argument("--out", type=Path, default=Path("reports"))
+    ap.add_argument("--calibrate", type=int, default=10, help="iterations timed to size each stage")
+    a = ap.parse_args(argv)
+    try:
+        runs = a.runs or Path("runs") / load_params(a.params).data.profile
+        e = run(a.params, runs, a.out, a.calibrate)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for name, sc in e["scores"].items():
+        print(f"{name}: plain CNN {sc['psnr']:.2f} dB (bicubic {sc['bicubic_psnr']:.2f} dB)")
+    print(f"wrote {a.out / 'baselines.json'} and {a.out / 'baselines.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The plain-CNN baseline: the network, the trainer training it, the benchmark and its benchmark.md row."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO
+from gsm.models.plain_cnn import PlainCNN, PlainCNNConfig
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import plain_cnn  # noqa: E402
+
+
+def test_each_output_frame_sees_its_three_frames_only() -> None:
+    torch.manual_seed(0)
+    net = PlainCNN(PlainCNNConfig(channels=8, blocks=2)).eval()
+    x = torch.rand(1, 6, 3, 8, 10)
+    y = net(x)
+    assert y.shape == (1, 6, 3, 32, 40)
+    x2 = x.clone()
+    x2[:, 4] = torch.rand(3, 8, 10)  # frame 4 feeds outputs 3, 4, 5 only
+    y2 = net(x2)
+    changed = [(y2[:, t] - y[:, t]).abs().max().item() > 0 for t in range(6)]
+    assert changed == [False, False, False, True, True, True]
+    assert sum(p.numel() for p in PlainCNN().parameters()) == 127_472  # 6 blocks of 32 channels
+    with pytest.raises(ValueError, match="frames must be a positive odd number"):
+        PlainCNNConfig(frames=2)
+
+
+@pytest.fixture
+def trained_quickstart(tiny_params: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The tiny pipeline up to a trained GSM: (params, runs, reports)."""
+    import yaml
+
+    from gsm import stages
+    from gsm.params import load_params
+
+    raw = yaml.safe_load(tiny_params.read_text())
+    raw["mlflow"]["tracking_uri"] = None  # nothing to track here
+    tiny_params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    p = load_params(tiny_params)
+    stages.download(p, progress=False)
+    stages.degrade(p, progress=False)
+    stages.pack(p, progress=False)
+    runs, reports = tmp_path / "runs", tmp_path / "reports"
+    for stage in ("reds", "vimeo"):
+        stages.train(p, stage, runs, progress=False)  # type: ignore[arg-type]
+    return tiny_params, runs, reports
+
+
+def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
+    trained_quickstart: tuple[Path, Path, Path],
+) -> None:
+    from gsm import stages
+    from gsm.params import load_params
+
+    params, runs, reports = trained_quickstart
+    e = plain_cnn.run(params, runs, reports, calibrate=2)
+    gsm_s = {s: plain_cnn.stage_seconds(runs / s / "metrics.jsonl") for s in ("reds", "vimeo")}
+    assert e["gsm_train_seconds"] == gsm_s
+    assert all(e["iters"][s] >= 2 for s in ("reds", "vimeo"))
+    assert set(e["scores"]) == {"quickstart-REDS", "quickstart-Vimeo"}
+    for sc in e["scores"].values():
+        assert 5 < sc["psnr"] < 60 and 5 < sc["bicubic_psnr"] < 60
+    saved = json.loads((reports / "baselines.json").read_text())
+    assert saved["plain_cnn"]["scores"] == e["scores"]
+
+    p = load_params(params)
+    stages.evaluate(p, None, runs, reports, progress=False)
+    md = (reports / "benchmark.md").read_text()
+    assert "## Baselines trained here" in md and plain_cnn.TITLE in md and "Stale" not in md
+    reds = e["scores"]["quickstart-REDS"]
+    assert "| quickstart-REDS | " in md and f"{reds['psnr']:.2f} / {reds['ssim']:.4f}" in md
+
+    # Other data: the row stays, marked stale.
+    saved["plain_cnn"]["data"]["reds"] = "0" * 64
+    (reports / "baselines.json").write_text(json.dumps(saved))
+    stages.evaluate(p, None, runs, reports, progress=False)
+    assert "Stale: measured on other data" in (reports / "benchmark.md").read_text()
+
+
+def test_trainer_keeps_networks_apart(trained_quickstart: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """A CNN run's checkpoint names its network; the GSM never resumes from it."""
+    from gsm import stages
+    from gsm.data.prepare import read_manifest
+    from gsm.params import load_params
+    from gsm.train.checkpoint import load_checkpoint
+    from gsm.train.trainer import train_stage
+
+    params, _, _ = trained_quickstart
+    p = load_params(params)
+    cfg = p.train.reds
+    dataset, _ = stages.train_inputs(p, read_manifest(p.data), "reds")
+    out = tmp_path / "cnn"
+    train_stage("reds", cfg, p.model, dataset, out, network=lambda: PlainCNN(PlainCNNConfig(channels=8, blocks=1)),
+                device="cpu", progress=False)  # fmt: skip
+    assert load_checkpoint(out / "checkpoints" / "last.pt")["network"] == "PlainCNN"
+    with pytest.raises(ValueError, match="holds a PlainCNN run, not GSMamba"):
+        train_stage("reds", cfg, p.model, dataset, out, device="cpu", progress=False)
+
+
+def test_missing_gsm_run_is_one_line(tiny_params: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    rc = plain_cnn.main(["--params", str(tiny_params), "--runs", str(tmp_path / "none"), "--out", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "train the quickstart first" in err and "\n" not in err
