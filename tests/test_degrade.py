@@ -322,6 +322,14 @@ def test_tree_resume_and_parallel_identical(tmp_path: Path) -> None:
     assert summary.frames_written == 8
     assert _tree_bytes(parallel) == fresh
 
+    # A clip made by an older version of the code (its marker has no or another version) is redone,
+    # even though its mode, scale and frame count match.
+    (lr / "001" / MARKER).write_text("mode=BI scale=4 frames=2\n")
+    (lr / "001" / "00000000.png").write_bytes((lr / "000" / "00000000.png").read_bytes())  # stale pixels
+    summary = degrade_tree(gt, lr, "BI", workers=1, progress=False)
+    assert summary == DegradeSummary(clips_done=1, clips_skipped=3, frames_written=2)
+    assert _tree_bytes(lr) == fresh
+
     # A marker from another degradation does not count: BD into the same folder redoes all.
     summary = degrade_tree(gt, lr, "BD", workers=1, progress=False)
     assert summary == DegradeSummary(clips_done=4, clips_skipped=0, frames_written=8)

@@ -140,6 +140,9 @@ def test_quickstart_steps_chain_and_start_over_on_new_input(tmp_path: Path) -> N
     assert (src, lr, manifest) == (p.data.source_dir, p.data.lr_dir, p.data.manifest_path)
     assert m["reds"]["lr_folder"] == str(lr / "reds_like" / "BIx4") and Path(m["reds"]["gt_lmdb"]).is_dir()
     assert m["made_from"]["reds_like"]["crop"] == [96, 160]
+    from gsm.data.degrade import DEGRADATION_VERSION
+
+    assert m["made_from"]["degradation"] == DEGRADATION_VERSION  # new degradation code: new data downstream
     frame = lr / "reds_like" / "BIx4" / "000" / "00000000.png"
     stamp = frame.stat().st_mtime_ns
     assert read_image(frame).shape == (24, 40, 3)

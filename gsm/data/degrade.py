@@ -246,8 +246,14 @@ def _list_clips(gt_root: Path) -> dict[Path, list[Path]]:
     return dict(sorted(clips.items()))
 
 
+# What the degradations compute, by version: in every clip's marker (clips made by other code are
+# redone) and in the data index (so packing and training see new frames as new data). Bump it
+# whenever bicubic_downsample or blur_downsample change a single output value.
+DEGRADATION_VERSION = "2: BI on MATLAB's im2double path (double precision, one rounding); BD as BasicVSR"
+
+
 def _marker_text(mode: str, scale: int, n_frames: int) -> str:
-    return f"mode={mode} scale={scale} frames={n_frames}\n"
+    return f"mode={mode} scale={scale} frames={n_frames} version={DEGRADATION_VERSION.split(':')[0]}\n"
 
 
 def _is_complete(marker: Path, expected: str) -> bool:

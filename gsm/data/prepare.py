@@ -246,11 +246,13 @@ def download_data(cfg: DataConfig, sources: dict[str, Source], *, progress: bool
 
 def degrade_data(cfg: DataConfig, sources: dict[str, Source], *, progress: bool = True) -> Path:
     """Step 2: every LR tree the download did not bring, BI x4 (Vid4 also BD); returns `lr/`."""
-    from gsm.data.degrade import degrade_tree
+    from gsm.data.degrade import DEGRADATION_VERSION, degrade_tree
 
     index = _read_step_output(cfg.source_dir / INDEX, "download")
     out = cfg.lr_dir
     _start_over_if_stale(out, index)
+    # Recorded in what pack and training fingerprint: new degradation code is new data downstream.
+    index.setdefault("made_from", {})["degradation"] = DEGRADATION_VERSION
 
     def make(gt: str, lr: Path, mode: str) -> str:
         degrade_tree(Path(gt), lr, mode=mode, scale=4, workers=cfg.workers, progress=progress)  # type: ignore[arg-type]
