@@ -139,7 +139,14 @@ class SpyNet(nn.Module):
             flow = flow * scale.view(1, 2, 1, 1)
         return flow
 
-    def _pyramid_flow(self, ref: Tensor, supp: Tensor) -> Tensor:
+    def pyramid_flows(self, ref: Tensor, supp: Tensor) -> list[Tensor]:
+        """The flow at every pyramid level, coarsest first (sides divisible by 32): distillation
+        supervises each level, so the coarse modules learn without waiting on the fine ones."""
+        flows: list[Tensor] = []
+        self._pyramid_flow(ref, supp, flows)
+        return flows
+
+    def _pyramid_flow(self, ref: Tensor, supp: Tensor, levels: list[Tensor] | None = None) -> Tensor:
         refs = [(ref - self.mean) / self.std]
         supps = [(supp - self.mean) / self.std]
         for _ in range(_LEVELS - 1):
@@ -160,6 +167,8 @@ class SpyNet(nn.Module):
                     up = F.pad(up, (0, pad_w, 0, pad_h), mode="replicate")
             warped = flow_warp(s, up, padding_mode="border")
             flow = up + self.basic_module[level](torch.cat([r, warped, up], dim=1))
+            if levels is not None:
+                levels.append(flow)
         assert flow is not None
         return flow
 

@@ -139,11 +139,11 @@ DIS_PRESETS: tuple[str, ...] = ("ultrafast", "fast", "medium")
 class FlowInitConfig:
     """SpyNet distilled from DIS flows (gsm.train.flow_init; params.yaml `flow_init`)."""
 
-    iters: int = 400
-    batch_size: int = 8
+    iters: int = 200
+    batch_size: int = 4
     patch: int = 64  # LR patch side (frames smaller than that are taken whole)
     lr: float = 1e-3  # Adam, cosine to lr / 100
-    max_pairs: int = 300  # frame pairs drawn from the training clips (each gives both directions)
+    max_pairs: int = 150  # frame pairs drawn from the training clips (each gives both directions)
     preset: str = "medium"  # DIS preset: ultrafast | fast | medium
     seed: int = 0
 

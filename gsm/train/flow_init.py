@@ -6,7 +6,7 @@ SpyNet gives the alignment nothing to work with for most of a short training. DI
 displacements to teach SpyNet the flows of this very footage in a few minutes on a CPU.
 
 Targets are DIS flows between adjacent LR training frames, both directions, computed once. SpyNet
-learns them on random patches with the end-point error (EPE) as loss. The held-out pairs are the
+learns them on random patches with the end-point error (EPE) at every pyramid level as loss. The held-out pairs are the
 test clips' adjacent LR frames: never trained on, scored before and after against DIS.
 """
 
@@ -24,6 +24,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -146,6 +147,21 @@ def epe(pred: Tensor, target: Tensor) -> Tensor:
     return (pred - target).square().sum(1).add(1e-12).sqrt().mean()
 
 
+def pyramid_epe(spynet: SpyNet, ref: Tensor, supp: Tensor, flow: Tensor) -> Tensor:
+    """EPE summed over the pyramid levels, each against the target average-pooled to its size (and
+    its vectors scaled down with it). Patches are cropped to multiples of 32 for the pyramid."""
+    h, w = (ref.shape[-2] // 32) * 32, (ref.shape[-1] // 32) * 32
+    if h == 0 or w == 0:  # smaller than the coarsest level: the final flow only
+        return epe(spynet(ref, supp), flow)
+    ref, supp, flow = ref[..., :h, :w], supp[..., :h, :w], flow[..., :h, :w]
+    total = ref.new_zeros(())
+    for pred in spynet.pyramid_flows(ref, supp):
+        factor = h // pred.shape[-2]
+        target = F.avg_pool2d(flow, factor) / factor if factor > 1 else flow
+        total = total + epe(pred, target)
+    return total
+
+
 @torch.no_grad()
 def heldout_epe(spynet: SpyNet, pairs: Sequence[tuple[np.ndarray, np.ndarray]], preset: str) -> dict[str, float]:
     """Mean EPE of SpyNet against DIS over whole held-out frames, and of the zero flow (the floor
@@ -173,6 +189,7 @@ def distil_spynet(manifest: dict[str, Any], cfg: FlowInitConfig, out: Path, repo
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="SpyNet created without weights")
         spynet = SpyNet()
+    random_init = heldout_epe(spynet, heldout, cfg.preset)  # what a run without flow_init starts from
     for level in spynet.basic_module:  # start from the zero flow, not from random flows
         nn.init.zeros_(level.basic_module[-1].weight)
         nn.init.zeros_(level.basic_module[-1].bias)
@@ -188,6 +205,7 @@ def distil_spynet(manifest: dict[str, Any], cfg: FlowInitConfig, out: Path, repo
     result = {
         "teacher": f"OpenCV {cv2.__version__} DIS ({cfg.preset})",
         "train_pairs": len(targets.flows), "heldout_pairs": after["pairs"],
+        "heldout_epe_random_init": round(random_init["epe"], 4),
         "heldout_epe_before": round(before["epe"], 4), "heldout_epe_after": round(after["epe"], 4),
         "heldout_zero_flow_epe": round(after["zero_flow_epe"], 4),
         "final_train_epe": round(float(np.mean(losses[-50:])), 4),
@@ -209,7 +227,7 @@ def _fit(spynet: SpyNet, targets: _Targets, cfg: FlowInitConfig, progress: bool)
         for g in opt.param_groups:
             g["lr"] = lr
         ref, supp, flow = next(stream)
-        loss = epe(spynet(ref, supp), flow)
+        loss = pyramid_epe(spynet, ref, supp, flow)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
