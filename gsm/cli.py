@@ -236,6 +236,8 @@ def upscale(
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights when the checkpoint has them"),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA when available)"),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (CUDA only)"),
+    allow_truncated: bool = typer.Option(False, "--allow-truncated",
+                                         help="upscale what decodes of a video shorter than its container says"),
     tracking_uri: str | None = typer.Option(None, help="MLflow store resolving models:/ URIs (default: "
                                                        "$MLFLOW_TRACKING_URI, else --params' mlflow.tracking_uri)"),
     params: Path = typer.Option(Path("params.yaml"), help="params file, read for its `mlflow` section (models:/ URIs)"),
@@ -243,7 +245,8 @@ def upscale(
 ) -> None:
     """Upscale a video or frame folder x4 with a checkpoint or a registered model, streaming in chunks."""
     kwargs: dict[str, Any] = dict(chunk=chunk, chunk_overlap=chunk_overlap, tile=tile, tile_overlap=tile_overlap,
-                                  fps=fps, overwrite=overwrite, device=device, bf16=bf16, progress=progress)
+                                  fps=fps, overwrite=overwrite, device=device, bf16=bf16, progress=progress,
+                                  allow_truncated=allow_truncated)
     from gsm.registry.uri import is_model_uri
 
     if is_model_uri(model):

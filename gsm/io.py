@@ -11,11 +11,39 @@ from pathlib import Path
 from typing import Any
 
 
-def _file_mode() -> int:
-    """What open() would give a new file (0666 minus the umask); mkstemp alone gives 0600."""
+def umask() -> int:
+    """The process umask, read from /proc where it can be (os.umask would change it, racing threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def default_mode(folder: bool = False) -> int:
+    """What open() / mkdir() would give (0666 / 0777 minus the umask); mkstemp / mkdtemp give 0600 / 0700."""
+    return (0o777 if folder else 0o666) & ~umask()
+
+
+def _file_mode() -> int:
+    return default_mode()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a temporary named after a dead one is an orphan)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:

@@ -63,8 +63,13 @@ class Params:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
 
+def _model(values: Any, where: str) -> GSMConfig:
+    """Typed like every other section (`model.spynet_weights: 5` is a one-line error, not a TypeError later)."""
+    return from_mapping(GSMConfig, values, where)
+
+
 _SECTIONS: dict[str, Callable[[Any, str], Any]] = {
-    "model": GSMConfig.from_dict,
+    "model": _model,
     "data": DataConfig.from_dict,
     "sources": sources_from_dict,
     "flow_init": FlowInitConfig.from_dict,
@@ -97,9 +102,15 @@ def load_params(path: str | Path) -> Params:
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if raw is None:
+        # All defaults would be the paper's recipe (600k GPU iterations): never what an empty file meant.
+        raise ValueError(f"{path}: empty params file; the defaults are the paper's 600k-iteration recipe, so "
+                         f"an empty file is refused (start from the repository's params.yaml or configs/paper.yaml)")
     try:
         return parse_params(raw)
     except ValueError as exc:

@@ -3,17 +3,21 @@
 Inputs are read lazily, one frame at a time, so memory does not depend on the video's length.
 Frames come out as H x W x 3 uint8 RGB with the documented conversions of `gsm.data.images`
 (grey -> RGB, 16-bit -> 8-bit, alpha dropped). Outputs are built under a hidden temporary name
-beside the final one and renamed into place only when complete: a failure or interruption leaves
-nothing under the final name, and an existing output is only replaced when asked to.
+beside the final one and renamed into place only when complete and, for videos, verified: a
+failure or interruption leaves nothing under the final name, and an existing output is only replaced
+when asked to. Temporaries carry the writer's process id (`.<name>.gsm-<pid>-...`), so the next
+writer of the same output removes those whose process is gone (killed with -9).
 """
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import re
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +27,7 @@ import cv2
 import numpy as np
 
 from gsm.data.images import read_image, to_rgb8, write_png
+from gsm.io import default_mode, pid_alive
 
 # Containers OpenCV's FFmpeg backend writes here with the 'mp4v' (MPEG-4 part 2) codec; 'avc1'
 # (H.264) is not built into the opencv-python wheels.
@@ -110,8 +115,24 @@ def _check_size(img: np.ndarray, info: SourceInfo, name: str) -> np.ndarray:
     return img
 
 
-def iter_frames(info: SourceInfo) -> Iterator[np.ndarray]:
-    """RGB uint8 frames one at a time; a frame of another size is a one-line error naming it."""
+def truncation_error(path: Path, expected: int, decoded: int) -> str | None:
+    """The complaint when a video decodes to fewer frames than its container declares, else None.
+
+    Containers without a frame index (mkv, some avi) give duration x rate, which may be one frame
+    off; a shortfall beyond that (1%, at least one frame) means the file is damaged or cut.
+    """
+    if decoded + max(1, expected // 100) >= expected:
+        return None
+    return (f"{path}: the container declares {expected} frames but only {decoded} decode (damaged or truncated "
+            f"video); --allow-truncated upscales the {decoded} that decode")
+
+
+def iter_frames(info: SourceInfo, allow_truncated: bool = False) -> Iterator[np.ndarray]:
+    """RGB uint8 frames one at a time; a frame of another size is a one-line error naming it.
+
+    A video that decodes to fewer frames than its container declares is an error at its end (the
+    output, not yet committed, is dropped), or with `allow_truncated` a warning.
+    """
     if info.kind == "folder":
         for path in info.frames:
             yield _check_size(read_image(path), info, str(path))
@@ -131,6 +152,11 @@ def iter_frames(info: SourceInfo) -> Iterator[np.ndarray]:
             index += 1
         if index == 0:
             raise ValueError(f"{info.path}: the video has no frames OpenCV can decode")
+        problem = truncation_error(info.path, info.count, index) if info.count else None
+        if problem and not allow_truncated:
+            raise ValueError(problem)
+        if problem:
+            warnings.warn(problem.split(";")[0] + "; continuing (--allow-truncated)", stacklevel=2)
     finally:
         cap.release()
 
@@ -183,6 +209,44 @@ def _temp_error(dst: Path, err: OSError) -> ValueError:
     return ValueError(f"{dst}: cannot write in {dst.parent}: {err.strerror or err}")
 
 
+def _free(folder: Path) -> str:
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+    except OSError:
+        return "free space unknown"
+
+
+def remove_orphans(dst: Path) -> list[Path]:
+    """Delete temporaries of `dst` left by writers that no longer run (kill -9); returns them."""
+    head = f".{dst.name}.gsm-"
+    removed = []
+    for path in dst.parent.glob(glob.escape(head) + "*"):
+        pid, _, rest = path.name[len(head):].partition("-")
+        if not pid.isdigit() or not (".part" in rest or rest.endswith(".old")) or pid_alive(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def count_video_frames(path: Path) -> tuple[int, int, int]:
+    """(frames, width, height) of a written video, by decoding it: what a player will get."""
+    cap = cv2.VideoCapture(str(path))
+    try:
+        if not cap.isOpened():
+            return 0, 0, 0
+        w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+        n = 0
+        while cap.grab():
+            n += 1
+        return n, w, h
+    finally:
+        cap.release()
+
+
 class FrameSink:
     """Writes upscaled frames under a temporary name; `commit` renames it into place.
 
@@ -199,12 +263,14 @@ class FrameSink:
         self.video = output_is_video(dst)
         self.count = 0
         self._writer: cv2.VideoWriter | None = None
+        prefix = f".{dst.name}.gsm-{os.getpid()}-"
         try:
+            remove_orphans(dst)
             if self.video:
-                fd, tmp = tempfile.mkstemp(prefix=f".{dst.stem}.", suffix=f".part{dst.suffix}", dir=dst.parent)
+                fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=f".part{dst.suffix}", dir=dst.parent)
                 os.close(fd)
             else:
-                tmp = tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".part", dir=dst.parent)
+                tmp = tempfile.mkdtemp(prefix=prefix, suffix=".part", dir=dst.parent)
         except OSError as err:
             raise _temp_error(dst, err) from None
         self.tmp = Path(tmp)
@@ -224,16 +290,31 @@ class FrameSink:
             self._writer.write(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
         else:
             name = self.names[self.count] if self.names is not None else f"{self.count:08d}"
-            write_png(self.tmp / f"{name}.png", img)
+            try:
+                write_png(self.tmp / f"{name}.png", img)
+            except OSError as err:
+                raise ValueError(f"{self.dst}: cannot write frame {self.count} ({err.strerror or err}; "
+                                 f"{_free(self.dst.parent)}); nothing written") from None  # fmt: skip
         self.count += 1
 
+    def _verify(self) -> None:
+        """A video counts as written once it decodes to every frame at the size encoded: OpenCV's
+        writer only prints a warning when a frame fails (a full disk), and exits as if all went well."""
+        frames, w, h = count_video_frames(self.tmp)
+        if (frames, w, h) != (self.count, self.width, self.height):
+            raise ValueError(
+                f"{self.dst}: the written video decodes to {frames} frames of {w}x{h}, not the {self.count} "
+                f"of {self.width}x{self.height} encoded (disk full? {_free(self.dst.parent)}); nothing written")
+
     def commit(self) -> None:
-        """Finish the file and move it under the final name (replacing an old output if allowed)."""
+        """Finish, verify and move the output under the final name (replacing an old one if allowed)."""
         if self._writer is not None:
             self._writer.release()
             self._writer = None
             if self.count == 0 or self.tmp.stat().st_size == 0:
                 raise ValueError(f"{self.dst}: OpenCV wrote an empty video")
+            self._verify()
+        os.chmod(self.tmp, default_mode(folder=not self.video))  # mkstemp/mkdtemp make 0600/0700
         exists = self.dst.exists() or self.dst.is_symlink()
         if exists and not self.overwrite:  # appeared while we worked: never clobber it silently
             raise ValueError(f"{self.dst}: already exists (overwrite=True / --overwrite replaces it)")
@@ -244,7 +325,8 @@ class FrameSink:
         else:
             # A non-empty folder cannot be replaced in one step: move the old one aside first and
             # put it back if the swap fails, so the final name always holds a complete output.
-            aside = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.", suffix=".old", dir=self.dst.parent))
+            aside = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.gsm-{os.getpid()}-", suffix=".old",
+                                          dir=self.dst.parent))  # fmt: skip
             os.rename(self.dst, aside / "old")
             try:
                 os.rename(self.tmp, self.dst)

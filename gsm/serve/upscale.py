@@ -221,13 +221,15 @@ def upscale_video(
     progress: bool = True,
     device: str | torch.device | None = None,
     bf16: bool = False,
+    allow_truncated: bool = False,
 ) -> UpscaleSummary:
     """Upscale a video file, frame folder or image into a video file or a folder of PNGs.
 
     `dst` with a video extension (.mp4, .avi, .mkv, .mov, .m4v) is written as an 'mp4v' video at
     `fps` (default: the input's frame rate, or 25 for frames); any other name, or one ending in a
     slash, becomes a folder of PNGs (named like the input frames, or 00000000.png ... for videos).
-    The output appears only once complete. The model is moved to `device` (default: CUDA when
+    The output appears only once complete (a video: once it decodes to every frame). A video that
+    decodes to fewer frames than its container declares is an error unless `allow_truncated`. The model is moved to `device` (default: CUDA when
     available), run in eval mode without autograd, and left in its former train/eval mode.
     """
     dev = resolve_device(device, "--device")
@@ -252,7 +254,7 @@ def upscale_video(
             tqdm(total=info.count, unit="frame", desc=f"upscale {info.path.name}", disable=not progress,
                  dynamic_ncols=True) as bar,
         ):
-            for frame in upscale_frames(model, iter_frames(info), chunk=chunk, chunk_overlap=chunk_overlap,
+            for frame in upscale_frames(model, iter_frames(info, allow_truncated), chunk=chunk, chunk_overlap=chunk_overlap,
                                         tile=tile, tile_overlap=tile_overlap, device=dev, bf16=bf16):
                 sink.write(frame)
                 bar.update(1)
