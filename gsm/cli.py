@@ -241,6 +241,8 @@ def upscale(
     tracking_uri: str | None = typer.Option(None, help="MLflow store resolving models:/ URIs (default: "
                                                        "$MLFLOW_TRACKING_URI, else --params' mlflow.tracking_uri)"),
     params: Path = typer.Option(Path("params.yaml"), help="params file, read for its `mlflow` section (models:/ URIs)"),
+    retries: int = typer.Option(0, min=0, help="retries of an unreachable tracking server (models:/ URIs; "
+                                               "each waits up to 10 s)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
 ) -> None:
     """Upscale a video or frame folder x4 with a checkpoint or a registered model, streaming in chunks."""
@@ -260,7 +262,7 @@ def upscale(
         if target is None:
             raise ValueError(f"{model}: no MLflow store to resolve it (mlflow.tracking_uri is null in {params}); "
                              f"pass --tracking-uri")  # fmt: skip
-        s = upscale_from_uri(model, target.uri, input, output, **kwargs)
+        s = upscale_from_uri(model, target.uri, input, output, retries=retries, **kwargs)
     else:
         from gsm.serve.upscale import upscale_from_checkpoint
 

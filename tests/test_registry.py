@@ -10,7 +10,11 @@ one-line errors.
 from __future__ import annotations
 
 import json
+import shutil
+import socket
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -296,6 +300,41 @@ def test_upscale_cli_takes_a_models_uri(project: Project, tmp_path: Path) -> Non
     r = CliRunner().invoke(app, ["upscale", str(src), str(tmp_path / "no.mp4"), "--model",
                                  "models:/cli@nonexistent", *common])  # fmt: skip
     assert r.exit_code == 2 and r.output.count("\n") == 1 and "models:/cli@nonexistent" in r.output
+
+
+def test_upscale_never_imports_the_code_stored_with_a_model(
+    project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A shared store's stored code is not run: the network comes from weights and config only."""
+    import mlflow
+
+    p = project.load(model_name="tamper")
+    others = set(project.root.rglob("code/gsm"))
+    stages.register(p, project.runs, project.reports, progress=False)
+    for code in set(project.root.rglob("code/gsm")) - others:  # the copy logged with this model
+        shutil.rmtree(code)
+    monkeypatch.setattr(mlflow.pyfunc, "load_model", lambda *a, **k: pytest.fail("the pyfunc loader was used"))
+    path_before = list(sys.path)
+    src = tmp_path / "in.mp4"
+    _video(src, _clip(3, 16, 16))
+    out = _gsm("upscale", str(src), str(tmp_path / "o.mp4"), "--model", "models:/tamper@champion", "--chunk", "4",
+               "--chunk-overlap", "2", "--no-progress", "--tracking-uri", project.uri)  # fmt: skip
+    assert "3 frames 64x64" in out and sys.path == path_before
+
+
+def test_an_unreachable_tracking_server_fails_in_seconds(tmp_path: Path) -> None:
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = tmp_path / "in.mp4"
+    _video(src, _clip(2, 16, 16))
+    t0 = time.monotonic()
+    r = CliRunner().invoke(app, ["upscale", str(src), str(tmp_path / "o.mp4"), "--model", "models:/x@champion",
+                                 "--tracking-uri", f"http://127.0.0.1:{port}", "--no-progress"])  # fmt: skip
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "models:/x@champion: cannot load it from http://127.0.0.1:" in r.output
+    assert time.monotonic() - t0 < 30  # MLflow's own defaults retry for minutes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
 
 
 def test_bad_mlflow_params_are_one_line_errors(project: Project, tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ from gsm.ops.backend import resolve_device
 from gsm.serve.upscale import check_chunking, temporal_radius, upscale_frames
 from gsm.tracking import MlflowConfig
 
-WEIGHTS = "weights"  # the artifact key (and file stem) of the serving checkpoint
+from gsm.registry.uri import WEIGHTS  # the artifact key (and file stem) of the serving checkpoint
 # Distributions the model's code imports when loaded: pinned to this environment's versions.
 REQUIREMENTS = ("torch", "numpy", "numba", "opencv-python-headless", "tqdm", "PyYAML")
 
