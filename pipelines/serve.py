@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +88,35 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _tied_to(parent: int) -> Callable[[], None]:
+    """preexec_fn for the server: on Linux it gets SIGTERM when `parent` dies, even by kill -9, so
+    a killed `make schedule` does not leave a server listening. Elsewhere only the `finally` below
+    stops it."""
+
+    def tie() -> None:
+        if sys.platform == "linux":
+            try:
+                ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+            except (OSError, AttributeError):
+                return
+            if os.getppid() != parent:  # died before the tie was made
+                os._exit(1)
+
+    return tie
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the server's process group (the CLI and its uvicorn worker), SIGKILL after 15 s."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 @contextmanager
 def local_server(port: int = 0, ui: bool = False, timeout: float = 120.0) -> Iterator[str]:
     """A private Prefect server with its scheduler, for as long as the block runs; yields its API URL."""
@@ -100,7 +131,8 @@ def local_server(port: int = 0, ui: bool = False, timeout: float = 120.0) -> Ite
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port),
            "--ui" if ui else "--no-ui"]  # fmt: skip
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                preexec_fn=_tied_to(os.getpid()))  # fmt: skip
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + timeout
@@ -118,12 +150,7 @@ def local_server(port: int = 0, ui: bool = False, timeout: float = 120.0) -> Ite
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 def describe(p: Params, params: Path, runs: str | None, api: str | None) -> str:
