@@ -15,13 +15,14 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="GSM-VSR: Gat
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected failures (bad params, missing files) into `error: ...` and exit code 2."""
+    """Turn expected failures (bad params, missing files, an unreachable server after its retries)
+    into `error: ...` and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as exc:
+        except (ValueError, FileNotFoundError, PermissionError, RuntimeError, ConnectionError, TimeoutError) as exc:
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
 

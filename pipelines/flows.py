@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = retrain(params=a.params, runs=a.runs, progress=a.progress)
             where = str(out["run_dir"] / "reports")
-    except (ValueError, FileNotFoundError, PermissionError, RuntimeError) as exc:
+    except (ValueError, FileNotFoundError, PermissionError, RuntimeError, ConnectionError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for name, r in out["scores"].items():

@@ -171,3 +171,51 @@ def test_silent_server_times_out_and_is_retried(tmp_path: Path) -> None:
         with pytest.raises(ConnectionError, match=r"^demo: download from .* failed \(timed out\) after 2 attempts$"):
             fetch(Source("demo", url), tmp_path, retries=1, backoff=0.01, timeout=0.2, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def _hang_up_server() -> tuple[socket.socket, int]:
+    """A loopback server that accepts each connection and closes it before sending a byte."""
+    import threading
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return srv, srv.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["refused", "closed at 0 bytes"])
+def test_gsm_download_network_faults_are_one_line(tmp_path: Path, fault: str) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from gsm.cli import app
+
+    srv = None
+    if fault == "refused":
+        port = closed_port()
+    else:
+        srv, port = _hang_up_server()
+    url = f"http://127.0.0.1:{port}/a.zip"
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "data"), "download_retries": 1},
+                                      "sources": {"reds_val_sharp": {"url": url}}}))  # fmt: skip
+    try:
+        r = CliRunner().invoke(app, ["download", "reds_val_sharp", "--params", str(params), "--no-progress"])
+    finally:
+        if srv is not None:
+            srv.close()
+    assert r.exit_code == 2, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: reds_val_sharp: "), r.output
+    assert f"127.0.0.1:{port}" in lines[0] and lines[0].endswith("after 2 attempts")
+    assert not list((tmp_path / "data").rglob("a.zip"))
