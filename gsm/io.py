@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
 import platform
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,29 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:  # exists, owned by someone else
         return True
     return True
+
+
+def temp_prefix(final: Path) -> str:
+    """Name prefix of a hidden temporary for `final`, carrying this process's id: `.<name>.gsm-<pid>-`."""
+    return f".{final.name}.gsm-{os.getpid()}-"
+
+
+def remove_orphans(final: Path) -> list[Path]:
+    """Delete the temporaries of `final` (see temp_prefix) whose process is gone (killed with -9)."""
+    head = f".{final.name}.gsm-"
+    removed = []
+    for path in final.parent.glob(glob.escape(head) + "*"):
+        pid, _, rest = path.name[len(head):].partition("-")
+        if not pid.isdigit() or not rest.endswith((".tmp", ".old")) and ".part" not in rest:
+            continue
+        if pid_alive(int(pid)):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
 
 
 def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -> None:

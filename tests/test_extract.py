@@ -182,3 +182,23 @@ def test_written_bytes_are_counted_whatever_the_header_says(tmp_path: Path) -> N
     budget.copy(io.BytesIO(b"A" * 60), tmp_path / "g", 60, "g")
     with pytest.raises(ValueError, match="exceeds max_bytes 100"):
         budget.copy(io.BytesIO(b"A" * 60), tmp_path / "h", 60, "h")
+
+
+def test_killed_extractions_are_cleaned_up_and_the_result_gets_the_umask(tmp_path: Path) -> None:
+    import os
+
+    archive = _zip(tmp_path / "train_sharp.zip", FILES)
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = out / f".train_sharp.gsm-{2**22 + 7}-abcd.tmp"  # pid above Linux's pid_max: a dead writer
+    (dead / "000").mkdir(parents=True)
+    (dead / "000" / "00000000.png").write_bytes(b"half")
+    live = out / f".train_sharp.gsm-{os.getpid()}-efgh.tmp"  # a writer that still runs
+    live.mkdir()
+    old = os.umask(0o022)
+    try:
+        dest = extract(archive, out / "train_sharp", max_bytes=1000, strip=2, progress=False)
+    finally:
+        os.umask(old)
+    assert sorted(p.name for p in out.iterdir()) == sorted(["train_sharp", live.name])
+    assert dest.stat().st_mode & 0o777 == 0o755

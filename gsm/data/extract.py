@@ -8,7 +8,9 @@ byte is written (all zip members up front; each tar member before it is read, ta
 and by counting the bytes actually written, since headers can lie.
 
 Everything lands in a temporary folder beside ``dest`` that is renamed into place only after a
-``.complete`` marker is written last, so ``dest`` either is complete or does not exist.
+``.complete`` marker is written last, so ``dest`` either is complete or does not exist. The
+temporary folder carries the process id, so a later extraction removes one whose process was
+killed; the finished folder gets the umask's permissions, not mkdtemp's 0700.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from pathlib import Path
 from typing import BinaryIO
 
 from tqdm import tqdm
+
+from gsm.io import default_mode, remove_orphans, temp_prefix
 
 MARKER = ".complete"
 CHUNK = 1 << 20
@@ -197,7 +201,8 @@ def extract(archive: Path, dest: Path, *, max_bytes: int, strip: int = 0, progre
     if max_bytes < 0 or strip < 0:
         raise ValueError(f"{archive}: max_bytes and strip must be >= 0")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    remove_orphans(dest)  # what an extraction killed with -9 left (hundreds of GB for REDS)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
         budget = _Budget(max_bytes)
         try:
@@ -211,6 +216,7 @@ def extract(archive: Path, dest: Path, *, max_bytes: int, strip: int = 0, progre
         except _CORRUPT as exc:
             raise ValueError(f"{archive}: not a readable zip or tar archive ({exc})") from None
         (tmp / MARKER).write_text(f"{archive.name}\n")
+        os.chmod(tmp, default_mode(folder=True))  # mkdtemp's 0700 would hide the dataset from others
         try:
             os.rename(tmp, dest)
         except OSError:

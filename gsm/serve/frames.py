@@ -11,7 +11,6 @@ writer of the same output removes those whose process is gone (killed with -9).
 
 from __future__ import annotations
 
-import glob
 import math
 import os
 import re
@@ -27,7 +26,7 @@ import cv2
 import numpy as np
 
 from gsm.data.images import read_image, to_rgb8, write_png
-from gsm.io import default_mode, pid_alive
+from gsm.io import default_mode, remove_orphans, temp_prefix
 
 # Containers OpenCV's FFmpeg backend writes here with the 'mp4v' (MPEG-4 part 2) codec; 'avc1'
 # (H.264) is not built into the opencv-python wheels.
@@ -216,22 +215,6 @@ def _free(folder: Path) -> str:
         return "free space unknown"
 
 
-def remove_orphans(dst: Path) -> list[Path]:
-    """Delete temporaries of `dst` left by writers that no longer run (kill -9); returns them."""
-    head = f".{dst.name}.gsm-"
-    removed = []
-    for path in dst.parent.glob(glob.escape(head) + "*"):
-        pid, _, rest = path.name[len(head):].partition("-")
-        if not pid.isdigit() or not (".part" in rest or rest.endswith(".old")) or pid_alive(int(pid)):
-            continue
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-        removed.append(path)
-    return removed
-
-
 def count_video_frames(path: Path) -> tuple[int, int, int]:
     """(frames, width, height) of a written video, by decoding it: what a player will get."""
     cap = cv2.VideoCapture(str(path))
@@ -263,7 +246,7 @@ class FrameSink:
         self.video = output_is_video(dst)
         self.count = 0
         self._writer: cv2.VideoWriter | None = None
-        prefix = f".{dst.name}.gsm-{os.getpid()}-"
+        prefix = temp_prefix(dst)
         try:
             remove_orphans(dst)
             if self.video:
@@ -325,8 +308,7 @@ class FrameSink:
         else:
             # A non-empty folder cannot be replaced in one step: move the old one aside first and
             # put it back if the swap fails, so the final name always holds a complete output.
-            aside = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.gsm-{os.getpid()}-", suffix=".old",
-                                          dir=self.dst.parent))  # fmt: skip
+            aside = Path(tempfile.mkdtemp(prefix=temp_prefix(self.dst), suffix=".old", dir=self.dst.parent))
             os.rename(self.dst, aside / "old")
             try:
                 os.rename(self.tmp, self.dst)
