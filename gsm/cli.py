@@ -73,7 +73,8 @@ def info() -> None:
 def pack(
     paths: list[Path] = typer.Argument(..., metavar="[SRC] DST", show_default=False,
                                        help="PNG frame folder and LMDB folder; with --verify, only DST"),
-    verify: bool = typer.Option(False, "--verify", help="decode every frame of DST (after packing, if SRC given)"),
+    verify: bool = typer.Option(False, "--verify", help="decode every frame of DST; with SRC, after packing, "
+                                "and each must equal its source's pixels"),
     level: int = typer.Option(1, min=0, max=9, help="PNG compression level of the stored frames"),
     workers: int = typer.Option(2, min=1, help="encoding processes"),
     batch: int = typer.Option(500, min=1, help="frames per LMDB commit (the unit of resumption)"),
@@ -95,7 +96,7 @@ def pack(
             typer.echo(f"{s.status} {dst}: {s.frames} frames ({s.encoded} encoded, {s.skipped} kept from an "
                        f"earlier run), {mb:.1f} MB at level {s.level}, {s.seconds:.1f} s ({rate:.1f} frames/s)")
     if verify:
-        v = verify_lmdb(dst, progress=progress)
+        v = verify_lmdb(dst, src=paths[0] if len(paths) == 2 else None, progress=progress)
         typer.echo(f"verified {dst}: {v.frames} frames decode with their recorded shapes, "
                    f"{v.value_bytes / 1e6:.1f} MB, {v.seconds:.1f} s")
 

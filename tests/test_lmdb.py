@@ -183,6 +183,28 @@ def test_rerun_is_noop_unless_source_changed(src: Path, tmp_path: Path) -> None:
     assert LmdbStore(dst).get("002/00000010").shape == (24, 40, 3)
 
 
+def test_same_size_rewrite_is_stale_and_verify_checks_the_sources(src: Path, tmp_path: Path) -> None:
+    """A frame rewritten with other pixels of the same byte size is not taken for the packed one."""
+    frame = src / "001" / "00000003.png"
+    old = read_image(frame)
+    frame.write_bytes(encode_png(old, 0))  # level 0 (stored): the file size depends on the shape only
+    dst = tmp_path / "db"
+    pack_lmdb(src, dst, workers=1, progress=False)
+    new = old.copy()
+    new[0, 0] = 255 - new[0, 0]
+    size = frame.stat().st_size
+    frame.write_bytes(encode_png(new, 0))
+    assert frame.stat().st_size == size  # same byte size, other pixels
+    verify_lmdb(dst, progress=False)  # the pack alone still decodes
+    with pytest.raises(VerifyError, match=r"001/00000003: differs from its source"):
+        verify_lmdb(dst, src=src, progress=False)
+    with pytest.raises(ValueError, match=r"1 changed \(e.g. 001/00000003\)"):
+        pack_lmdb(src, dst, workers=1, progress=False)
+    s = pack_lmdb(src, dst, workers=1, progress=False, replace_stale=True)
+    assert s.encoded == 30 and np.array_equal(LmdbStore(dst).get("001/00000003"), new)
+    verify_lmdb(dst, src=src, progress=False)
+
+
 def test_verify_detects_corrupt_missing_and_extra(src: Path, tmp_path: Path) -> None:
     dst = tmp_path / "db"
     pack_lmdb(src, dst, workers=1, progress=False)

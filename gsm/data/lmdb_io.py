@@ -8,7 +8,8 @@ Layout of an LMDB folder `dst` (BasicSR reads the first three; the rest are ours
   .pack.lock           flock so two packers never interleave writes into one LMDB
 
 Resume model: frames are committed in batches, so the keys present in the database *are* the
-progress record. A rerun keeps every committed frame whose source file still has the recorded size,
+progress record. A rerun keeps every committed frame whose source file still has the recorded size
+and modification time (a frame rewritten with other pixels of the same byte size is re-encoded),
 re-encodes the rest, and only then writes meta_info.txt and .complete (each atomically).
 """
 
@@ -108,12 +109,17 @@ class _Source:
     path: Path
     size: int
     hw: tuple[int, int]
+    mtime_ns: int = 0
+
+    @property
+    def stamp(self) -> list[int]:
+        return [self.size, self.mtime_ns]
 
 
 @dataclass
 class _Plan:
     sources: list[_Source]  # sorted by key
-    sizes: dict[str, int]  # source file bytes per key: the cheap "has this frame changed" test
+    sizes: dict[str, list[int]]  # [bytes, mtime_ns] of each source file: the cheap "has it changed" test
 
 
 # --------------------------------------------------------------------------------------------- scan
@@ -156,7 +162,8 @@ def _scan(src: Path) -> _Plan:
             raise ValueError(f"{p}: whitespace in a frame path cannot be written to meta_info.txt")
         with p.open("rb") as fh:
             head = fh.read(24)
-        s = _Source(str(PurePosixPath(rel).with_suffix("")), p, p.stat().st_size, _png_hw(head, str(p)))
+        st = p.stat()
+        s = _Source(str(PurePosixPath(rel).with_suffix("")), p, st.st_size, _png_hw(head, str(p)), st.st_mtime_ns)
         clip = str(PurePosixPath(rel).parent)
         ref = clip_ref.setdefault(clip, s)
         if s.hw != ref.hw:
@@ -169,7 +176,7 @@ def _scan(src: Path) -> _Plan:
         dup = next(k for k in keys if keys.count(k) > 1)
         raise ValueError(f"{src}: two frames map to the key {dup}")
     sources.sort(key=lambda s: s.key)
-    return _Plan(sources, {s.key: s.size for s in sources})
+    return _Plan(sources, {s.key: s.stamp for s in sources})
 
 
 # ------------------------------------------------------------------------------------------ encode
@@ -281,14 +288,20 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
-def _diff_message(dst: Path, old: dict[str, int], new: dict[str, int]) -> str | None:
+def _same(old: Any, new: list[int]) -> bool:
+    """A recorded stamp against the source's [bytes, mtime_ns]; packs made before mtimes were
+    recorded hold the byte size alone (an int) and are compared on it."""
+    return old == new[0] if isinstance(old, int) else old == new
+
+
+def _diff_message(dst: Path, old: dict[str, Any], new: dict[str, list[int]]) -> str | None:
     added = sorted(new.keys() - old.keys())
     removed = sorted(old.keys() - new.keys())
-    changed = sorted(k for k in new.keys() & old.keys() if new[k] != old[k])
+    changed = sorted(k for k in new.keys() & old.keys() if not _same(old[k], new[k]))
     if not (added or removed or changed):
         return None
     parts = [f"{len(v)} {what} (e.g. {v[0]})" for what, v in
-             (("added", added), ("removed", removed), ("changed size", changed)) if v]
+             (("added", added), ("removed", removed), ("changed", changed)) if v]
     return f"{dst}: already packed from a different source: frames {', '.join(parts)}; delete {dst} to repack"
 
 
@@ -382,7 +395,7 @@ def pack_lmdb(
 
         if (dst / COMPLETE).exists():
             done = _read_json(dst / COMPLETE)
-            packed: dict[str, int] = done.get("sizes") or {e.key: -1 for e in read_meta_info(dst)}
+            packed: dict[str, Any] = done.get("sizes") or {e.key: -1 for e in read_meta_info(dst)}
             msg = _diff_message(dst, packed, plan.sizes)
             if msg:
                 raise ValueError(msg)
@@ -398,7 +411,7 @@ def pack_lmdb(
         if old_state is not None and old_state.get("level") != level:
             raise ValueError(f"{dst}: unfinished pack at level {old_state.get('level')}, not {level}; "
                              f"rerun with --level {old_state.get('level')} or delete {dst}")
-        old_sizes: dict[str, int] = (old_state or {}).get("sizes", {})
+        old_sizes: dict[str, Any] = (old_state or {}).get("sizes", {})
         new_state = json.dumps({"src": str(src.resolve()), "level": level, "frames": n, "sizes": plan.sizes})
         if old_state is None:  # before the database exists, so a half-made dst is always recognisable
             atomic_write_text(dst / STATE, new_state)
@@ -413,7 +426,7 @@ def pack_lmdb(
             nbytes: dict[str, int] = {}
             for s in plan.sources:  # keep a commit only if its source is unchanged since it was made
                 got = committed.get(s.key)
-                if got and old_sizes.get(s.key) == s.size and got[0][:2] == s.hw:
+                if got and s.key in old_sizes and _same(old_sizes[s.key], s.stamp) and got[0][:2] == s.hw:
                     shapes[s.key], nbytes[s.key] = got
             stale = sorted(k.encode() for k in committed.keys() - shapes.keys())
             todo = [s for s in plan.sources if s.key not in shapes]
@@ -474,8 +487,12 @@ def pack_lmdb(
 # ------------------------------------------------------------------------------------------ verify
 
 
-def verify_lmdb(path: Path, *, progress: bool = True) -> VerifySummary:
-    """Decode every frame: a pack is trusted only after its values, not just its keys, check out."""
+def verify_lmdb(path: Path, *, src: Path | None = None, progress: bool = True) -> VerifySummary:
+    """Decode every frame: a pack is trusted only after its values, not just its keys, check out.
+
+    With `src` (the folder it was packed from) each value must also hold exactly the source PNG's
+    pixels, and every source frame must be in the pack.
+    """
     t0 = time.perf_counter()
     path = Path(path)
     if not (path / "data.mdb").is_file():
@@ -485,6 +502,7 @@ def verify_lmdb(path: Path, *, progress: bool = True) -> VerifySummary:
     problems: list[tuple[str, str]] = []
     seen: set[str] = set()
     value_bytes = 0
+    sources = {s.key: s.path for s in _scan(Path(src)).sources} if src is not None else None
     env = _reader(str(path.resolve()))
     with env.begin(buffers=True) as txn:
         for e in tqdm(entries, unit="frame", desc=f"verify {path.name}", disable=not progress,
@@ -505,10 +523,17 @@ def verify_lmdb(path: Path, *, progress: bool = True) -> VerifySummary:
                 continue
             if img.shape != e.shape:
                 problems.append((e.key, f"decodes to {img.shape}, meta_info.txt says {e.shape}"))
+            elif sources is not None:
+                source = sources.pop(e.key, None)
+                if source is None:
+                    problems.append((e.key, f"not a frame of {src}"))
+                elif not np.array_equal(img, decode_png(source.read_bytes(), str(source))):
+                    problems.append((e.key, f"differs from its source {source} (repack)"))
         for k in txn.cursor().iternext(values=False):
             key = bytes(k).decode(errors="replace")
             if key not in seen:
                 problems.append((key, "in the LMDB but not in meta_info.txt"))
+    problems += [(key, f"in {src} but not in the pack") for key in sorted(sources or {})]
     if problems:
         key, reason = problems[0]
         raise VerifyError(f"{path}: {len(problems)} bad frame(s); first: {key}: {reason}", problems)
