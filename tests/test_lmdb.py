@@ -205,6 +205,26 @@ def test_same_size_rewrite_is_stale_and_verify_checks_the_sources(src: Path, tmp
     verify_lmdb(dst, src=src, progress=False)
 
 
+def test_a_truncated_data_file_is_named_not_a_sigbus(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "db"
+    pack_lmdb(src, dst, workers=1, progress=False)
+    data = dst / "data.mdb"
+    with data.open("r+b") as fh:
+        fh.truncate(data.stat().st_size // 2)
+    gsm = [sys.executable, "-c", "from gsm.cli import app; app()"]
+    for args in (["pack", "--verify", str(dst)], ["pack", str(src), str(dst)]):
+        r = subprocess.run([*gsm, *args, "--no-progress"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2, (args, r.returncode, r.stderr)  # SIGBUS would be -7
+        err = r.stderr.strip()
+        assert err.startswith(f"error: {data} is truncated (") and "\n" not in err and f"delete {dst}" in err
+    with pytest.raises(ValueError, match="is truncated"):
+        LmdbStore(dst).get("000/00000000")
+    # The pipeline's packing (replace_stale: derived data) rebuilds it.
+    s = pack_lmdb(src, dst, workers=1, progress=False, replace_stale=True)
+    assert s.encoded == 30
+    verify_lmdb(dst, src=src, progress=False)
+
+
 def test_verify_detects_corrupt_missing_and_extra(src: Path, tmp_path: Path) -> None:
     dst = tmp_path / "db"
     pack_lmdb(src, dst, workers=1, progress=False)

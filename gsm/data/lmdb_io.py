@@ -379,8 +379,13 @@ def pack_lmdb(
     if replace_stale and (dst / COMPLETE).exists():
         done = _read_json(dst / COMPLETE)
         packed = done.get("sizes") or {e.key: -1 for e in read_meta_info(dst)}
-        if _diff_message(dst, packed, plan.sizes) or done.get("level") != level:
-            log.info("%s: packed from other frames; repacking", dst)
+        try:
+            check_data_file(dst)
+            damaged = False
+        except ValueError:
+            damaged = True
+        if damaged or _diff_message(dst, packed, plan.sizes) or done.get("level") != level:
+            log.info("%s: packed from other frames, or damaged; repacking", dst)
             shutil.rmtree(dst)
     ours = (dst / STATE).exists() or (dst / COMPLETE).exists()
     if dst.is_dir() and not ours and any(p.name != LOCK for p in dst.iterdir()):
@@ -402,6 +407,7 @@ def pack_lmdb(
             if done.get("level") != level:
                 raise ValueError(f"{dst}: already packed at level {done.get('level')}, not {level}; "
                                  f"delete {dst} to repack")
+            check_data_file(dst)  # "up to date" must not vouch for a truncated file
             entries = read_meta_info(dst)
             (dst / STATE).unlink(missing_ok=True)  # left if the last run died right after .complete
             return PackSummary(dst, "up-to-date", len(entries), 0, n, int(done.get("value_bytes", 0)), level,
@@ -419,6 +425,7 @@ def pack_lmdb(
 
         src_bytes = sum(s.size for s in plan.sources)
         _drop_reader(str(dst.resolve()))  # a reader of ours on dst would block the writer's open
+        check_data_file(dst)
         env = lmdb.open(str(dst), map_size=map_size or max(2 * src_bytes, 1 << 26), meminit=False)
         try:
             committed = _committed_shapes(env)
@@ -549,6 +556,38 @@ def verify_lmdb(path: Path, *, src: Path | None = None, progress: bool = True) -
 _READERS: dict[str, tuple[int, lmdb.Environment]] = {}
 
 
+_META = 16  # bytes of LMDB's page header before each meta page's MDB_meta
+_MAGIC = 0xBEEFC0DE
+
+
+def check_data_file(folder: Path) -> None:
+    """Refuse a truncated data.mdb before LMDB maps it: reading past the end of a mapped file kills
+    the process with SIGBUS, no message. LMDB's two meta pages record the page size and the last page
+    used; the newer one (higher transaction id) says how long the file must be."""
+    data = Path(folder) / "data.mdb"
+    if not data.is_file():
+        return
+    size = data.stat().st_size
+    with data.open("rb") as fh:
+        head = fh.read(_META + 136)
+        need = 0
+        if len(head) >= _META + 136 and struct.unpack_from("<I", head, _META)[0] == _MAGIC:
+            psize = struct.unpack_from("<I", head, _META + 24)[0]  # FREE_DBI's md_pad holds the page size
+            metas = [struct.unpack_from("<QQ", head, _META + 120)]
+            fh.seek(psize)
+            second = fh.read(_META + 136)
+            if len(second) == _META + 136 and struct.unpack_from("<I", second, _META)[0] == _MAGIC:
+                metas.append(struct.unpack_from("<QQ", second, _META + 120))
+            last_pg = max(metas, key=lambda m: m[1])[0]
+            need = (last_pg + 1) * psize
+        elif size:
+            need = -1
+    if need < 0 or size < need:
+        what = "is not an LMDB data file" if need < 0 else f"is truncated ({size} bytes, the database needs {need})"
+        raise ValueError(f"{data} {what}: a crash mid-write or a partial copy; delete {Path(folder)} and pack it "
+                         f"again (`gsm prepare --step pack`, or `dvc pull` / `dvc checkout` where it is cached)")
+
+
 def _reader(path: str) -> lmdb.Environment:
     pid = os.getpid()
     entry = _READERS.get(path)
@@ -556,6 +595,7 @@ def _reader(path: str) -> lmdb.Environment:
         if entry[0] == pid:
             return entry[1]
         entry[1].close()  # inherited across fork: unmaps only this process's view
+    check_data_file(Path(path))
     env = lmdb.open(path, readonly=True, lock=False, readahead=False, meminit=False)
     _READERS[path] = (pid, env)
     return env
