@@ -225,6 +225,50 @@ def test_a_truncated_data_file_is_named_not_a_sigbus(src: Path, tmp_path: Path) 
     verify_lmdb(dst, src=src, progress=False)
 
 
+def test_a_full_disk_while_packing_is_one_line_and_resumable(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dst = tmp_path / "db"
+    real_open = lmdb.open
+    commits: list[int] = []
+
+    class Txn:  # a write transaction whose second commit finds the disk full
+        def __init__(self, txn: lmdb.Transaction) -> None:
+            self.txn = txn
+
+        def __enter__(self) -> lmdb.Transaction:
+            return self.txn.__enter__()
+
+        def __exit__(self, *exc: object) -> None:
+            if exc[0] is None:
+                commits.append(1)
+                if len(commits) == 2:
+                    self.txn.abort()
+                    raise lmdb.DiskError("mdb_txn_commit: No space left on device")
+            self.txn.__exit__(*exc)
+
+    class Env:
+        def __init__(self, env: lmdb.Environment) -> None:
+            self.env = env
+
+        def begin(self, write: bool = False, **k: object) -> object:
+            txn = self.env.begin(write=write, **k)
+            return Txn(txn) if write else txn
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.env, name)
+
+    monkeypatch.setattr(lmdb, "open", lambda *a, **k: Env(real_open(*a, **k)))
+    r = CliRunner().invoke(app, ["pack", str(src), str(dst), "--batch", "10", "--workers", "1", "--no-progress"])
+    assert r.exit_code == 2, r.output
+    err = r.output.strip()
+    assert err.startswith(f"error: {dst}") and "No space left on device" in err and "MiB free" in err, err
+    assert "\n" not in err and "rerun to resume" in err
+    monkeypatch.undo()
+    s = pack_lmdb(src, dst, batch=10, workers=1, progress=False)
+    assert (s.status, s.skipped, s.encoded) == ("resumed", 10, 20)
+
+
 def test_verify_detects_corrupt_missing_and_extra(src: Path, tmp_path: Path) -> None:
     dst = tmp_path / "db"
     pack_lmdb(src, dst, workers=1, progress=False)
