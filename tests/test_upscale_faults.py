@@ -4,31 +4,21 @@ from __future__ import annotations
 
 import errno
 import os
-import warnings
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 import gsm.serve.frames as frames_mod
-from gsm.models.config import GSMConfig
+from gsm.io import remove_orphans
 from gsm.models.gsmamba import GSMamba
-from gsm.serve.frames import iter_frames, probe_source, remove_orphans, truncation_error
+from gsm.serve.frames import iter_frames, probe_source, truncation_error
 from gsm.serve.upscale import upscale_video
+from test_upscale import model  # noqa: F401 - the tiny network fixture
 
-TINY = GSMConfig(embed_dim=16, num_heads=2, prop_layers=1, attn_depth=1, d_state=4, mid_channels=16, window=3)
 DEAD_PID = 2**22 + 7  # above Linux's largest pid_max: never a running process
 REAL_WRITER = cv2.VideoWriter
-
-
-@pytest.fixture(scope="module")
-def model() -> GSMamba:
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # random SpyNet
-        return GSMamba(TINY).eval()
 
 
 def _video(path: Path, n: int, h: int = 16, w: int = 16) -> Path:
