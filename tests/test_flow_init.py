@@ -60,17 +60,17 @@ def test_spynet_learns_dis_targets_from_the_zero_flow() -> None:
     for level in net.basic_module:
         torch.nn.init.zeros_(level.basic_module[-1].weight)
         torch.nn.init.zeros_(level.basic_module[-1].bias)
-    cfg = FlowInitConfig(iters=120, batch_size=4, patch=32, lr=1e-3)
-    losses = _fit(net, targets, cfg, progress=False)
-    start, end = np.mean(losses[:5]), np.mean(losses[-10:])
-    assert start > 0.9  # the zero flow against ~1-2 px motion
-    assert end < 0.7 * start
-    net.eval()
-    with torch.no_grad():
-        ref = torch.from_numpy(targets.refs[0]).permute(2, 0, 1)[None].float() / 255
-        supp = torch.from_numpy(targets.supps[0]).permute(2, 0, 1)[None].float() / 255
-        got = epe(net(ref, supp), torch.from_numpy(targets.flows[0])[None])
-    assert float(got) < 0.8 * float(epe(torch.zeros(1, 2, 48, 48), torch.from_numpy(targets.flows[0])[None]))
+    def frame_epe() -> float:  # of the final flow, over the whole training frames
+        net.eval()
+        with torch.no_grad():
+            ref, supp = (torch.stack([torch.from_numpy(a).permute(2, 0, 1).float() / 255 for a in imgs])
+                         for imgs in (targets.refs, targets.supps))  # fmt: skip
+            return float(epe(net(ref, supp), torch.stack([torch.from_numpy(f) for f in targets.flows])))
+
+    start = frame_epe()  # the zero flow's, against ~1-2 px motion
+    assert start > 1.0
+    _fit(net, targets, FlowInitConfig(iters=120, batch_size=4, patch=32, lr=1e-3), progress=False)
+    assert frame_epe() < 0.8 * start  # measured: 1.63 -> 1.11 px
 
 
 @pytest.mark.parametrize(
