@@ -46,14 +46,19 @@ NAME = "plain_cnn"
 TITLE = "Plain 3-frame CNN (6 residual blocks, 32 channels)"
 
 
-def stage_seconds(metrics: Path) -> float:
-    """Wall-clock of a finished training stage: the `time` of its last iteration record."""
+def _iteration_times(metrics: Path) -> list[float]:
+    """The trainer's elapsed seconds at each iteration record of a metrics.jsonl."""
     if not metrics.is_file():
         raise FileNotFoundError(f"{metrics}: no training log; train the quickstart first (`make repro`)")
-    times = [r["time"] for r in map(json.loads, metrics.read_text().splitlines()) if "time" in r]
+    times = [float(r["time"]) for r in map(json.loads, metrics.read_text().splitlines()) if "time" in r]
     if not times:
         raise ValueError(f"{metrics}: no iteration records")
-    return float(times[-1])
+    return times
+
+
+def stage_seconds(metrics: Path) -> float:
+    """Wall-clock of a finished training stage: the `time` of its last iteration record."""
+    return _iteration_times(metrics)[-1]
 
 
 def _train(p: Params, stage: str, iters: int, out: Path, init: Path | None) -> Path:
@@ -67,9 +72,9 @@ def _train(p: Params, stage: str, iters: int, out: Path, init: Path | None) -> P
 
 
 def _seconds_per_iter(log: Path) -> float:
-    rows = [r for r in map(json.loads, log.read_text().splitlines()) if "time" in r]
+    times = _iteration_times(log)
     # Skip the first iteration (allocator and oneDNN warm-up), as the long run amortises it.
-    return (rows[-1]["time"] - rows[0]["time"]) / max(1, len(rows) - 1)
+    return (times[-1] - times[0]) / max(1, len(times) - 1)
 
 
 def _score(p: Params, checkpoint: Path) -> dict[str, Any]:

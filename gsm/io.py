@@ -31,8 +31,12 @@ def default_mode(folder: bool = False) -> int:
     return (0o777 if folder else 0o666) & ~umask()
 
 
-def _file_mode() -> int:
-    return default_mode()
+def free_space(folder: str | Path) -> str:
+    """`123 MiB free` on the disk holding `folder`, for one-line disk-full errors."""
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
+    except OSError:
+        return "free space unknown"
 
 
 def pid_alive(pid: int) -> bool:
@@ -86,7 +90,7 @@ def atomic_write_bytes(path: str | Path, data: bytes, *, durable: bool = True) -
             if durable:
                 fh.flush()
                 os.fsync(fh.fileno())  # the rename must not land before the data
-        os.chmod(tmp, _file_mode())
+        os.chmod(tmp, default_mode())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -39,7 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gsm.data.images import decode_png, encode_png
-from gsm.io import atomic_write_text
+from gsm.io import atomic_write_text, free_space
 
 log = logging.getLogger(__name__)
 
@@ -342,12 +342,9 @@ def _write_batch(env: lmdb.Environment, items: list[tuple[bytes, bytes]], delete
             log.info("%s: map full, grew to %.1f MiB", env.path(), size / 2**20)
         except lmdb.Error as exc:  # a full disk (DiskError, ENOSPC) or another write failure
             batch = sum(len(k) + len(v) for k, v in items)
-            try:
-                free = f"{shutil.disk_usage(env.path()).free / 2**20:.0f} MiB free"
-            except OSError:
-                free = "free space unknown"
             raise RuntimeError(f"{env.path()}: cannot commit {len(items)} frames ({batch / 2**20:.1f} MiB): {exc} "
-                               f"({free}); committed frames are kept, free space and rerun to resume") from None
+                               f"({free_space(env.path())}); committed frames are kept, free space and rerun "
+                               f"to resume") from None
 
 
 def pack_lmdb(

@@ -26,7 +26,7 @@ import cv2
 import numpy as np
 
 from gsm.data.images import read_image, to_rgb8, write_png
-from gsm.io import default_mode, remove_orphans, temp_prefix
+from gsm.io import default_mode, free_space, remove_orphans, temp_prefix
 
 # Containers OpenCV's FFmpeg backend writes here with the 'mp4v' (MPEG-4 part 2) codec; 'avc1'
 # (H.264) is not built into the opencv-python wheels.
@@ -208,13 +208,6 @@ def _temp_error(dst: Path, err: OSError) -> ValueError:
     return ValueError(f"{dst}: cannot write in {dst.parent}: {err.strerror or err}")
 
 
-def _free(folder: Path) -> str:
-    try:
-        return f"{shutil.disk_usage(folder).free / 2**20:.0f} MiB free"
-    except OSError:
-        return "free space unknown"
-
-
 def count_video_frames(path: Path) -> tuple[int, int, int]:
     """(frames, width, height) of a written video, by decoding it: what a player will get."""
     cap = cv2.VideoCapture(str(path))
@@ -277,7 +270,7 @@ class FrameSink:
                 write_png(self.tmp / f"{name}.png", img)
             except OSError as err:
                 raise ValueError(f"{self.dst}: cannot write frame {self.count} ({err.strerror or err}; "
-                                 f"{_free(self.dst.parent)}); nothing written") from None  # fmt: skip
+                                 f"{free_space(self.dst.parent)}); nothing written") from None  # fmt: skip
         self.count += 1
 
     def _verify(self) -> None:
@@ -287,7 +280,7 @@ class FrameSink:
         if (frames, w, h) != (self.count, self.width, self.height):
             raise ValueError(
                 f"{self.dst}: the written video decodes to {frames} frames of {w}x{h}, not the {self.count} "
-                f"of {self.width}x{self.height} encoded (disk full? {_free(self.dst.parent)}); nothing written")
+                f"of {self.width}x{self.height} encoded (disk full? {free_space(self.dst.parent)}); nothing written")
 
     def commit(self) -> None:
         """Finish, verify and move the output under the final name (replacing an old one if allowed)."""
