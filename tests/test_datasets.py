@@ -258,3 +258,26 @@ def test_lmdb_backend_gives_the_same_samples(tree: Path, tmp_path: Path) -> None
     assert clips == reds4_clips(tree / "GT", clips=["001"])
     t = VideoTestDataset(gt_db, lr_db, clips)[0]
     assert torch.equal(t["gt"], VideoTestDataset(*_stores(tree), clips)[0]["gt"])
+
+
+def test_preload_gives_the_same_samples_and_refuses_what_does_not_fit(tree: Path) -> None:
+    from gsm.data.images import MemoryStore
+    from gsm.train.data import preload
+
+    def reds() -> RecurrentClipDataset:
+        return RecurrentClipDataset(*_stores(tree), CLIPS, frames_per_clip=N_FRAMES, num_frames=3, gt_size=16,
+                                    random_reverse=True, interval_list=[1, 2], seed=3, repeat=2)  # fmt: skip
+
+    for make in (reds, lambda: SeptupletDataset(*_stores(tree), SEQS, gt_size=16, seed=3)):
+        streamed, loaded = make(), make()
+        nbytes = preload(loaded, "train.reds.preload", progress=False)
+        assert isinstance(loaded.gt_store, MemoryStore) and isinstance(loaded.lr_store, MemoryStore)
+        assert len(loaded.gt_store.frames) == len(set(streamed.all_keys())) and nbytes > 0
+        for i in range(len(streamed)):
+            a, b = streamed[i], loaded[i]
+            assert torch.equal(a["lq"], b["lq"]) and torch.equal(a["gt"], b["gt"]) and a["key"] == b["key"]
+    small = reds()
+    with pytest.raises(ValueError, match=r"^train\.reds\.preload: the 30 training frames need 0\.3 MiB decoded, more "
+                                         r"than half of the 0\.0 MiB available; set it to false$"):  # fmt: skip
+        preload(small, "train.reds.preload", progress=False, memory=1000)
+    assert isinstance(small.gt_store, FolderStore)  # nothing half-loaded

@@ -89,6 +89,10 @@ class _PairedClipBase(Dataset[Sample]):
             if callable(close):
                 close()
 
+    def all_keys(self) -> list[str]:
+        """Every frame key this dataset can load (what preloading must hold)."""
+        raise NotImplementedError
+
     def _check_patch_fits(self, key: str, h: int, w: int) -> None:
         if self.gt_size is not None and self.gt_size // self.scale > min(h, w):
             raise ValueError(
@@ -180,6 +184,9 @@ class RecurrentClipDataset(_PairedClipBase):
     def __len__(self) -> int:
         return len(self.clips) * self.repeat
 
+    def all_keys(self) -> list[str]:
+        return [self.key_format.format(clip=c, frame=f) for c in self.clips for f in range(self.lengths[c])]
+
     def frame_indices(self, index: int) -> tuple[str, list[int]]:
         """The clip and frame numbers item `index` loads (exposed for tests and debugging)."""
         return self._pick(index, self._rng(index))
@@ -235,6 +242,9 @@ class SeptupletDataset(_PairedClipBase):
 
     def __len__(self) -> int:
         return len(self.sequences) * self.repeat
+
+    def all_keys(self) -> list[str]:
+        return [k for i in range(len(self.sequences)) for k in self.keys(i)]
 
     def keys(self, index: int) -> list[str]:
         seq = self.sequences[index % len(self.sequences)]

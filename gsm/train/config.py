@@ -18,7 +18,7 @@ STAGES: tuple[str, ...] = ("reds", "vimeo")
 
 # Fields that do not change what is computed: they may differ when a run resumes.
 OPERATIONAL_FIELDS: frozenset[str] = frozenset(
-    {"workers", "ckpt_every", "val_every", "log_every", "keep_last", "init_from"}
+    {"workers", "preload", "ckpt_every", "val_every", "log_every", "keep_last", "init_from"}
 )
 
 
@@ -47,6 +47,9 @@ class StageConfig:
     grad_clip: float | None = None  # max global grad norm (paper ablations: 1.0 avoids NaN at K=3)
     bf16: bool = False  # bfloat16 autocast; CUDA only, ignored on CPU
     workers: int = 4  # DataLoader processes per training process (0: load in the main process)
+    # Decode every training frame into memory once before training (small data only: refused when it
+    # needs more than half the available memory). Same samples; no PNG decoding per iteration.
+    preload: bool = False
     ckpt_every: int = 5000
     val_every: int = 5000
     log_every: int = 100  # metrics.jsonl flush and MLflow batch interval (every iteration is logged)

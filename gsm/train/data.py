@@ -8,13 +8,16 @@ datasets draw crops and flips from (seed, epoch, index), so worker counts never 
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
+from tqdm import tqdm
 
 from gsm.data.datasets import RecurrentClipDataset, SeptupletDataset
-from gsm.data.images import FrameStore
+from gsm.data.images import FrameStore, MemoryStore
 from gsm.train.config import StageConfig
 
 
@@ -70,3 +73,46 @@ def vimeo_train_set(cfg: StageConfig, gt_store: FrameStore, lr_store: FrameStore
         gt_store, lr_store, sequences, mirror=False, gt_size=cfg.gt_size, augment=True, seed=seed,
         key_format=key_format, num_frames=cfg.num_frames, repeat=cfg.repeat,
     )
+
+
+def available_memory() -> int:
+    """Bytes the kernel says can be allocated without swapping (MemAvailable), else free pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
+
+
+def preload(dataset: RecurrentClipDataset | SeptupletDataset, where: str, *, progress: bool = True,
+            memory: int | None = None) -> int:
+    """Decode every frame the dataset can read into memory once (its stores become MemoryStores).
+
+    Samples stay identical: only where the decoded frames come from changes. Refused (naming the
+    param `where`) when the frames would take more than half of the available memory; returns bytes.
+    """
+    keys = dataset.all_keys()
+    first = [store.get(keys[0]) for store in (dataset.gt_store, dataset.lr_store)]
+    need = len(keys) * sum(f.nbytes for f in first)
+    memory = available_memory() if memory is None else memory
+    if need > memory // 2:
+        raise ValueError(
+            f"{where}: the {len(keys)} training frames need {_size(need)} decoded, more than half of "
+            f"the {_size(memory)} available; set it to false"
+        )
+    stores = []
+    for name, store in (("GT", dataset.gt_store), ("LR", dataset.lr_store)):
+        frames = {k: store.get(k) for k in tqdm(keys, desc=f"preload {name}", unit="frame", disable=not progress)}
+        close = getattr(store, "close", None)
+        if callable(close):
+            close()
+        stores.append(MemoryStore(frames))
+    dataset.gt_store, dataset.lr_store = stores
+    return sum(s.nbytes for s in stores)
+

@@ -49,7 +49,7 @@ from gsm.train.checkpoint import (
     weights_of,
 )
 from gsm.train.config import StageConfig, flat_params, stage_differences
-from gsm.train.data import EpochSampler, batches_per_epoch
+from gsm.train.data import EpochSampler, batches_per_epoch, preload
 from gsm.train.loss import charbonnier
 from gsm.train.optim import (
     build_optimizer,
@@ -331,6 +331,8 @@ def _train(
 
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if cfg.bf16 and device.type == "cuda"
                 else nullcontext())
+    if cfg.preload and start < cfg.iters:
+        preload(train_set, f"train.{stage}.preload", progress=progress and d.main)  # type: ignore[arg-type]
     bar = tqdm(total=cfg.iters, initial=start, desc=f"train {stage}", unit="it", dynamic_ncols=True,
                disable=not (progress and d.main))
     t0 = time.monotonic()
