@@ -68,8 +68,10 @@ def train(
     the finetuning from the registry's champion this way. `restart_on_change`: see train_stage
     (DVC and Prefect rerun a stage because its params changed; the old run is then obsolete).
 
-    Validation (every `val_every` iterations and at the end) runs on the stage's own benchmark:
-    REDS4 for REDS, Vimeo-90K-T for Vimeo, as the field reports them; `val_every` > `iters` skips it.
+    Validation (every `val_every` iterations and at the end) draws the curves; nothing is selected
+    by it. It runs on the data's validation clips (the quickstart's, cut between its train and test
+    spans), else on the stage's benchmark as the field does (REDS4 for REDS, Vimeo-90K-T for Vimeo);
+    `val_every` > `iters` skips it.
 
     MLflow: `tracking_uri` > $MLFLOW_TRACKING_URI > `mlflow.tracking_uri` (null: off); the run
     gets the data profile as params and the whole params as a params.yaml artifact.
@@ -98,7 +100,7 @@ def train_inputs(p: Params, manifest: dict[str, Any], stage: Stage) -> tuple[Any
         dataset = vimeo_train_set(cfg, gt, lr, entry["train"], seed=p.train.seed)
     e, validate = p.eval, None
     if cfg.val_every <= cfg.iters:  # a larger val_every means: no validation in this run
-        validate = make_validator(eval_sets(manifest, stage)[0], e.tile, e.tile_overlap,
+        validate = make_validator(eval_sets(manifest, stage, split="val")[0], e.tile, e.tile_overlap,
                                   resolve_device(e.device, "eval.device"), chunk=e.chunk,
                                   chunk_overlap=e.chunk_overlap, max_clips=e.max_clips)  # fmt: skip
     return dataset, validate

@@ -27,7 +27,7 @@ def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 
 def tiny_params_dict(root: Path) -> dict[str, Any]:
-    """The repository's params.yaml (every key DVC tracks) with the quickstart at toy sizes (14 + 30
+    """The repository's params.yaml (every key DVC tracks) with the quickstart at toy sizes (20 + 37
     source frames, small crops), a tiny net and 3 iterations per stage; data under `root`/data."""
     base = yaml.safe_load((REPO / "params.yaml").read_text())
     return merged(base, {
@@ -35,8 +35,9 @@ def tiny_params_dict(root: Path) -> dict[str, Any]:
         "data": {
             "profile": "quickstart", "root": str(root / "data"), "workers": 1,
             "quickstart": {
-                "reds_max_frames": 14, "reds_clip_len": 4, "reds_test_frames": 4, "reds_gap": 2,
-                "reds_crop": [96, 160], "vimeo_max_frames": 30, "vimeo_test_frames": 10, "vimeo_gap": 3,
+                "reds_max_frames": 20, "reds_clip_len": 4, "reds_test_frames": 4, "reds_gap": 2,
+                "reds_val_frames": 4, "reds_crop": [96, 160], "vimeo_max_frames": 37, "vimeo_test_frames": 10,
+                "vimeo_gap": 3, "vimeo_val_frames": 7,
                 "vimeo_train_stride": 4, "vimeo_crop": [64, 96], "vimeo_crops": 2,
             },
         },

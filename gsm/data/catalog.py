@@ -31,20 +31,30 @@ def train_stores(manifest: dict[str, Any], kind: Literal["reds", "vimeo"]) -> tu
     return gt, lr, entry
 
 
-def eval_sets(manifest: dict[str, Any], kind: Literal["reds", "vimeo", "vid4"]) -> list[TestSet]:
-    """The benchmark(s) of `kind`: REDS4, Vimeo-90K-T, Vid4 BI and BD (or their quickstart stand-ins)."""
+def eval_sets(
+    manifest: dict[str, Any], kind: Literal["reds", "vimeo", "vid4"], split: Literal["test", "val"] = "test"
+) -> list[TestSet]:
+    """The benchmark(s) of `kind`: REDS4, Vimeo-90K-T, Vid4 BI and BD (or their quickstart stand-ins).
+
+    split "val": the data's validation clips under the test protocol, named "<test name> val" (the
+    quickstart's, for training curves); data without them (the paper's) validates on its test set,
+    as the field does with REDS4.
+    """
     backend = manifest.get("backend", "lmdb")
     entry = _entry(manifest, kind)
+    names = entry.get("test", [])
+    name = entry.get("test_name")
+    if split == "val" and entry.get("val"):
+        names, name = entry["val"], f"{name} val"
     if kind == "reds":
         gt, lr = _stores(entry, backend)
-        clips = clip_frames(entry["gt_folder"], entry["test"])
+        clips = clip_frames(entry["gt_folder"], names)
         protocol = entry.get("test_protocol", "reds4")
-        return [TestSet(entry["test_name"], protocol, VideoTestDataset(gt, lr, clips))]
+        return [TestSet(name, protocol, VideoTestDataset(gt, lr, clips))]
     if kind == "vimeo":
         gt, lr = _stores(entry, backend)
-        seqs = vimeo_test_sequences(entry["test"])
-        return [TestSet(entry["test_name"], "vimeo",
-                         VideoTestDataset(gt, lr, seqs, center_index=VIMEO_CENTER_INDEX))]  # fmt: skip
+        seqs = vimeo_test_sequences(names)
+        return [TestSet(name, "vimeo", VideoTestDataset(gt, lr, seqs, center_index=VIMEO_CENTER_INDEX))]
     gt_folder = Path(entry["gt_folder"])
     clips = vid4_clips(gt_folder)
     return [

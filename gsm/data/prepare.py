@@ -54,10 +54,12 @@ class QuickstartConfig:
     reds_clip_len: int = 25
     reds_test_frames: int = 26
     reds_gap: int = 6
+    reds_val_frames: int = 0  # a validation clip between train and test (0: none)
     vimeo_test_frames: int = 40
     vimeo_gap: int = 5
     vimeo_train_stride: int = 3
     vimeo_test_stride: int = 7
+    vimeo_val_frames: int = 0  # a validation span between train and test (0: none)
     vimeo_crops: int = 3
     # Only to make tiny test profiles: fewer source frames, smaller (centred) REDS-like frames and
     # Vimeo-like windows, as [H, W]. null: the whole videos at full size.
@@ -155,9 +157,10 @@ def _download_quickstart(cfg: DataConfig, progress: bool) -> dict[str, Any]:
     q = cfg.quickstart
     s = build_quickstart(
         cfg.source_dir, reds_clip_len=q.reds_clip_len, reds_test_frames=q.reds_test_frames,
-        reds_gap=q.reds_gap, reds_max_frames=q.reds_max_frames, reds_crop=q.reds_crop,
-        vimeo_test_frames=q.vimeo_test_frames, vimeo_gap=q.vimeo_gap, vimeo_train_stride=q.vimeo_train_stride,
-        vimeo_test_stride=q.vimeo_test_stride, vimeo_crop=q.vimeo_crop, vimeo_crops=q.vimeo_crops,
+        reds_gap=q.reds_gap, reds_val_frames=q.reds_val_frames, reds_max_frames=q.reds_max_frames,
+        reds_crop=q.reds_crop, vimeo_test_frames=q.vimeo_test_frames, vimeo_gap=q.vimeo_gap,
+        vimeo_train_stride=q.vimeo_train_stride, vimeo_test_stride=q.vimeo_test_stride,
+        vimeo_val_frames=q.vimeo_val_frames, vimeo_crop=q.vimeo_crop, vimeo_crops=q.vimeo_crops,
         vimeo_max_frames=q.vimeo_max_frames, workers=cfg.workers, progress=progress,
     )  # fmt: skip
     reds_meta = json.loads((s.reds.root / "meta.json").read_text())
@@ -169,14 +172,15 @@ def _download_quickstart(cfg: DataConfig, progress: bool) -> dict[str, Any]:
         "made_from": {"reds_like": reds_meta["params"], "vimeo_like": vimeo_meta["params"]},
         "reds": {
             "kind": "reds", "name": "reds_like", "gt_folder": str(s.reds.gt),
-            "train": list(s.reds.train), "test": list(s.reds.test),
+            "train": list(s.reds.train), "val": list(s.reds.val), "test": list(s.reds.test),
             "frames_per_clip": reds_meta["frames_per_clip"], "test_name": "quickstart-REDS",
             # Scored on Y, all frames (the vid4 rule): the quickstart is judged by Y-PSNR gain.
             "test_protocol": "vid4",
         },
         "vimeo": {
             "kind": "vimeo", "name": "vimeo_like", "gt_folder": str(s.vimeo.gt),
-            "train": list(s.vimeo.train), "test": list(s.vimeo.test), "test_name": "quickstart-Vimeo",
+            "train": list(s.vimeo.train), "val": list(s.vimeo.val), "test": list(s.vimeo.test),
+            "test_name": "quickstart-Vimeo",
         },
         "vid4": None,
     }  # fmt: skip

