@@ -8,7 +8,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from http_server import LoopbackServer, closed_port, http_server  # noqa: F401 - fixture import
+from http_server import LoopbackServer, closed_port, hang_up_server, http_server  # noqa: F401 - fixture import
 
 from gsm.data.download import fetch
 from gsm.data.sources import DEFAULT_SOURCES, Source, require_url, sources_from_dict
@@ -173,26 +173,6 @@ def test_silent_server_times_out_and_is_retried(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def _hang_up_server() -> tuple[socket.socket, int]:
-    """A loopback server that accepts each connection and closes it before sending a byte."""
-    import threading
-
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            conn.close()
-
-    threading.Thread(target=serve, daemon=True).start()
-    return srv, srv.getsockname()[1]
-
-
 @pytest.mark.parametrize("fault", ["refused", "closed at 0 bytes"])
 def test_gsm_download_network_faults_are_one_line(tmp_path: Path, fault: str) -> None:
     import yaml
@@ -204,7 +184,7 @@ def test_gsm_download_network_faults_are_one_line(tmp_path: Path, fault: str) ->
     if fault == "refused":
         port = closed_port()
     else:
-        srv, port = _hang_up_server()
+        srv, port = hang_up_server()
     url = f"http://127.0.0.1:{port}/a.zip"
     params = tmp_path / "params.yaml"
     params.write_text(yaml.safe_dump({"data": {"root": str(tmp_path / "data"), "download_retries": 1},

@@ -5,9 +5,11 @@ Flow quality needs the real trained weights and is deliberately not tested here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import http.server
+import socket
 import threading
 import warnings
 from collections.abc import Iterator
@@ -15,7 +17,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from http_server import LoopbackServer, closed_port, hang_up_server, http_server  # noqa: F401 - fixture import
 
+import gsm.ops.spynet as spynet_mod
 from gsm.ops.spynet import SpyNet, compute_flows
 
 
@@ -134,6 +138,61 @@ def test_http_bad_digest_is_not_cached(
     assert not any(cache.iterdir())
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         SpyNet(f"{base}/missing.pth")
+
+
+@pytest.fixture()
+def fast_fetch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Retries with tiny back-off and timeout, into an empty cache; returns the cache folder."""
+    monkeypatch.setattr(spynet_mod, "FETCH_BACKOFF", 0.01)
+    monkeypatch.setattr(spynet_mod, "FETCH_TIMEOUT", 0.3)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("GSM_CACHE", str(cache))
+    return cache
+
+
+@contextlib.contextmanager
+def _unreachable(fault: str) -> Iterator[int]:
+    """A loopback port that refuses, hangs up before a byte, or accepts and never answers."""
+    if fault == "refused":
+        yield closed_port()
+    elif fault == "closed at 0 bytes":
+        srv, port = hang_up_server()
+        with srv:
+            yield port
+    else:
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", 0))
+            listener.listen(8)  # connections queue but are never answered
+            yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("fault", ["refused", "closed at 0 bytes", "stalled"])
+def test_unreachable_url_is_one_line_and_leaves_nothing(fault: str, fast_fetch: Path) -> None:
+    with _unreachable(fault) as port:
+        url = f"http://127.0.0.1:{port}/spynet_test-12345678.pth"
+        with pytest.raises(ConnectionError) as info:
+            SpyNet(url)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith(f"SpyNet weights: cannot fetch {url}: "), msg
+    assert msg.endswith("(3 tries); set model.spynet_weights to a local file or null"), msg
+    # A hang-up reads as "closed" or, when the request was still unread, as a reset.
+    reasons = {"refused": ("refused",), "closed at 0 bytes": ("closed", "reset"), "stalled": ("timed out",)}
+    assert any(reason in msg for reason in reasons[fault]), msg
+    assert list(fast_fetch.iterdir()) == []  # no partial file, no temp folder
+
+
+@pytest.mark.parametrize("fault", ["HTTP 503", "dropped mid-body"])
+def test_transient_failure_is_retried(
+    fault: str, ckpt: Path, source: SpyNet, http_server: LoopbackServer, fast_fetch: Path  # noqa: F811
+) -> None:
+    http_server.files[ckpt.name] = ckpt.read_bytes()
+    if fault == "HTTP 503":
+        http_server.fail_once = 503
+    else:
+        http_server.drop_after = 1000
+    _assert_same_params(SpyNet(http_server.url(ckpt.name)), source)
+    assert len(http_server.requests) == 2
+    assert [p.name for p in fast_fetch.iterdir()] == [ckpt.name]
 
 
 def test_wrong_sha256_raises(ckpt: Path) -> None:

@@ -41,6 +41,17 @@ class _Transient(Exception):
         self.connect = connect
 
 
+class RetriesExhausted(ConnectionError):
+    """Every attempt failed transiently; ``reason`` and ``attempts`` let other callers (SpyNet
+    weights) word their own one-line message around the same retry loop."""
+
+    def __init__(self, message: str, url: str, reason: str, attempts: int) -> None:
+        super().__init__(message)
+        self.url = url
+        self.reason = reason
+        self.attempts = attempts
+
+
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):
         return "timed out"
@@ -173,13 +184,9 @@ def _download(
                     failures = 0
                 failures += 1
                 if failures > retries:
-                    if exc.connect:
-                        raise ConnectionError(
-                            f"{source.name}: cannot connect to {host}:{port} ({exc.reason}) after {failures} attempts"
-                        ) from None
-                    raise ConnectionError(
-                        f"{source.name}: download from {url} failed ({exc.reason}) after {failures} attempts"
-                    ) from None
+                    what = f"cannot connect to {host}:{port}" if exc.connect else f"download from {url} failed"
+                    message = f"{source.name}: {what} ({exc.reason}) after {failures} attempts"
+                    raise RetriesExhausted(message, url, exc.reason, failures) from None
                 time.sleep(backoff * 2 ** (failures - 1))
 
 

@@ -8,12 +8,12 @@ the project convention: ``forward(ref, supp)`` returns f(ref -> supp), so
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import re
+import shutil
+import sys
 import tempfile
-import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm import tqdm
 
+from gsm.data.download import RetriesExhausted, fetch
+from gsm.data.sources import Source
 from gsm.io import sha256_file
 from gsm.ops.flow import flow_warp
 
@@ -196,6 +197,12 @@ def compute_flows(
 # --------------------------------------------------------------------------- weights
 
 
+# Attempts after the first, seconds before the first retry (doubling), seconds without a byte.
+FETCH_RETRIES = 2
+FETCH_BACKOFF = 1.0
+FETCH_TIMEOUT = 60.0
+
+
 def _cache_dir() -> Path:
     return Path(os.environ.get("GSM_CACHE") or Path.home() / ".cache" / "gsm")
 
@@ -217,33 +224,23 @@ def _check_digest(name: str, actual: str, sha256: str | None) -> None:
 
 
 def _download(url: str, dest: Path, sha256: str | None) -> None:
-    """Fetch into a temp file beside ``dest``, verify, then rename atomically."""
+    """Fetch with the dataset downloader's retries into a temp folder beside ``dest``, verify, then
+    rename: ``dest`` only ever holds verified weights and a failure leaves nothing behind."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent))
     try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as fh:
-            try:
-                resp = urllib.request.urlopen(url, timeout=60)
-            except urllib.error.HTTPError as err:
-                if err.code == 404:
-                    raise FileNotFoundError(f"SpyNet weights not found: {url} (HTTP 404)") from None
-                raise
-            with resp:
-                total = int(resp.headers.get("Content-Length") or 0) or None
-                with tqdm(
-                    total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                    desc=dest.name, disable=None,
-                ) as bar:
-                    for chunk in iter(lambda: resp.read(1 << 20), b""):
-                        fh.write(chunk)
-                        digest.update(chunk)
-                        bar.update(len(chunk))
-        _check_digest(dest.name, digest.hexdigest(), sha256)
-        os.replace(tmp, dest)
+        try:
+            got = fetch(Source("SpyNet", url, dest=dest.name), tmp, retries=FETCH_RETRIES,
+                        backoff=FETCH_BACKOFF, timeout=FETCH_TIMEOUT, progress=sys.stderr.isatty())
+        except RetriesExhausted as exc:
+            raise ConnectionError(
+                f"SpyNet weights: cannot fetch {url}: {exc.reason} ({exc.attempts} tries); "
+                "set model.spynet_weights to a local file or null"
+            ) from None
+        _check_digest(dest.name, sha256_file(got), sha256)
+        os.replace(got, dest)
     finally:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _resolve_weights(weights: str, sha256: str | None) -> Path:
