@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -12,11 +13,12 @@ from typing import Any
 import typer
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="GSM-VSR: Gather-Scatter Mamba video SR.")
+_ERRNO = re.compile(r"^\[Errno -?\d+\] ")
 
 
 def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn expected failures (bad params, missing files, an unreachable server after its retries)
-    into `error: ...` and exit code 2."""
+    """Turn expected failures (bad params, missing files, an unreachable server after its retries,
+    a full disk) into `error: ...` and exit code 2."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -24,6 +26,9 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, PermissionError, RuntimeError, ConnectionError, TimeoutError) as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a fault of the machine (a full disk): its message, less "[Errno 28] "
+            typer.echo("error: " + _ERRNO.sub("", str(exc)), err=True)
             raise typer.Exit(2) from None
 
     return wrapper

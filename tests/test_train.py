@@ -8,6 +8,8 @@ runs that must be killed or launched by torchrun.
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import math
 import os
@@ -260,6 +262,63 @@ def test_check_compatible_names_fields() -> None:
         check_compatible(stored, GSMConfig(embed_dim=48, num_heads=4, window=3), "runs/reds/last.pt")
     assert str(err.value) == (
         "checkpoint runs/reds/last.pt was trained with a different model: embed_dim 32 != 48, window 5 != 3")
+
+
+class _DiskFillsAfter(io.FileIO):
+    """A file on a disk with `room` bytes free: a write past them fails with ENOSPC (or `err`)."""
+
+    room = 0
+    err = errno.ENOSPC
+
+    def write(self, data: Any) -> int:
+        if self.tell() + memoryview(data).nbytes > self.room:
+            raise OSError(self.err, os.strerror(self.err))
+        return super().write(data)
+
+
+@pytest.mark.parametrize("room", [0, 0.5, 0.99])
+def test_disk_full_at_save_keeps_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], room: float
+) -> None:
+    import typer
+
+    from gsm.cli import one_line_errors
+    from gsm.train import checkpoint
+
+    path = tmp_path / "ckpt" / "last.pt"
+    save_checkpoint(path, {"format": FORMAT, "iter": 1, "model": {"w": torch.zeros(1000)}})
+    before = path.read_bytes()
+    state = {"format": FORMAT, "iter": 2, "model": {"w": torch.ones(300_000)}}
+    monkeypatch.setattr(_DiskFillsAfter, "room", int(room * 1_200_000))  # the new checkpoint: ~1.2 MB
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: io.BufferedWriter(_DiskFillsAfter(fd, "wb")))
+    with pytest.raises(OSError) as err:
+        save_checkpoint(path, state)
+    msg = str(err.value.strerror)
+    assert err.value.errno == errno.ENOSPC and "\n" not in msg
+    assert msg.startswith(f"{path}: disk full while saving the checkpoint (about 1 MiB needed, "), msg
+    assert msg.endswith("free); the previous checkpoint is kept, free space and rerun to resume"), msg
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["last.pt"]  # no temp file left behind
+    with pytest.raises(typer.Exit) as exit_:
+        one_line_errors(save_checkpoint)(path, state)
+    assert exit_.value.exit_code == 2 and capsys.readouterr().err == f"error: {msg}\n"
+    monkeypatch.setattr(checkpoint.os, "fdopen", real_fdopen)
+    save_checkpoint(path, state)  # space freed: the same save succeeds
+    assert torch.load(path, weights_only=True)["iter"] == 2
+
+
+def test_other_write_errors_are_not_called_disk_full(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gsm.train import checkpoint
+
+    path = tmp_path / "last.pt"
+    monkeypatch.setattr(_DiskFillsAfter, "room", 10_000)
+    monkeypatch.setattr(_DiskFillsAfter, "err", errno.EIO)
+    monkeypatch.setattr(checkpoint.os, "fdopen", lambda fd, mode: io.BufferedWriter(_DiskFillsAfter(fd, "wb")))
+    with pytest.raises(Exception) as err:
+        save_checkpoint(path, {"format": FORMAT, "model": {"w": torch.ones(300_000)}})
+    assert "disk full" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- whole runs ----------------------------------------------------------------------------------

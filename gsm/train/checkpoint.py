@@ -11,20 +11,21 @@ an untrusted source cannot run code when loaded.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
-
 import os
 import random
 import tempfile
 import warnings
 from dataclasses import fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
 
+from gsm.io import default_mode, free_space
 from gsm.models.config import GSMConfig
 from gsm.models.gsmamba import GSMamba
 
@@ -34,31 +35,73 @@ FORMAT = "gsm-vsr/1"
 NON_STRUCTURAL: frozenset[str] = frozenset({"scan_impl", "grad_checkpoint", "spynet_weights", "spynet_sha256"})
 
 
-def _file_mode() -> int:
-    """0o666 less the umask (mkstemp makes 0o600 files), read without changing the umask."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return 0o666 & ~int(line.split()[1], 8)
-    except OSError:
-        pass
-    return 0o644
+_DISK_FULL = {errno.ENOSPC, errno.EDQUOT}
+
+
+class _WriteRecorder:
+    """Forwards torch.save's writes, keeping the OSError one raised: torch replaces it with an
+    "unexpected pos" RuntimeError, and the errno is what tells a full disk from other failures."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self.fh = fh
+        self.error: OSError | None = None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
+def _tensor_bytes(obj: Any) -> int:
+    """Bytes of a state's tensors, each storage once: roughly what its checkpoint needs on disk."""
+    seen: set[int] = set()
+
+    def walk(o: Any) -> int:
+        if isinstance(o, torch.Tensor):
+            storage = o.untyped_storage()
+            if storage.data_ptr() in seen:
+                return 0
+            seen.add(storage.data_ptr())
+            return storage.nbytes()
+        if isinstance(o, dict):
+            return sum(walk(v) for v in o.values())
+        if isinstance(o, (list, tuple)):
+            return sum(walk(v) for v in o)
+        return 0
+
+    return walk(obj)
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """torch.save into a temp file beside `path`, then rename: a crash never leaves half a file."""
+    """torch.save into a temp file beside `path`, then rename: a crash or a full disk never leaves
+    half a file, and the previous checkpoint stays until the new one is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    recorder = None
     try:
-        os.fchmod(fd, _file_mode())
+        os.fchmod(fd, default_mode())
         with os.fdopen(fd, "wb") as fh:
-            torch.save(state, fh)
+            recorder = _WriteRecorder(fh)
+            torch.save(state, recorder)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        cause = recorder.error if recorder is not None and recorder.error is not None else exc
+        if isinstance(cause, OSError) and cause.errno in _DISK_FULL:
+            need = _tensor_bytes(state) / 2**20
+            raise OSError(
+                cause.errno,
+                f"{path}: disk full while saving the checkpoint (about {need:.0f} MiB needed, "
+                f"{free_space(path.parent)}); the previous checkpoint is kept, free space and rerun to resume",
+            ) from None
         raise
 
 
