@@ -404,9 +404,10 @@ def _train(
                 if it % cfg.ckpt_every == 0 or done:
                     if d.main:
                         _flush(metrics, mlrun)  # metrics.jsonl must cover every saved iteration
-                        save_checkpoint(last_path, state(it))
-                        if not cfg.keep_last:
-                            shutil.copyfile(last_path, ckpt_dir / f"iter_{it:08d}.pt")
+                        snapshot = state(it)
+                        save_checkpoint(last_path, snapshot)
+                        if not cfg.keep_last:  # saved, not copied: atomic, and a full disk is one line
+                            save_checkpoint(ckpt_dir / f"iter_{it:08d}.pt", snapshot)
                     _barrier(d)
                 if done:
                     break
