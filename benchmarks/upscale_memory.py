@@ -112,6 +112,13 @@ def _ratio(long: float, short: float) -> float:
     return round(long / short, 3)
 
 
+def _output_kind() -> str:
+    """What the runs wrote: H.264 unless PyAV lacks the encoder (then OpenCV's mp4v)."""
+    from gsm.serve.video_out import h264_missing
+
+    return "mp4v video (no H.264 encoder)" if h264_missing() else "H.264 video"
+
+
 def run(out: Path, chunk: int, overlap: int, repeats: int, contrast: bool) -> dict[str, Any]:
     load_start = os.getloadavg()[0]
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -150,7 +157,7 @@ def run(out: Path, chunk: int, overlap: int, repeats: int, contrast: bool) -> di
             "load_average_1min": {"start": round(load_start, 2), "end": round(os.getloadavg()[0], 2)},
         },
         "settings": {"frame_size": f"{SIZE}x{SIZE} -> {4 * SIZE}x{4 * SIZE}", "model": MODEL, "chunk": chunk,
-                     "chunk_overlap": overlap, "repeats": repeats, "device": "cpu", "output": "mp4v video"},
+                     "chunk_overlap": overlap, "repeats": repeats, "device": "cpu", "output": _output_kind()},
         "runs": groups,
         "median_peak_mb": {name: median_peak(name) for name in groups},
         "peak_ratio_long_vs_short": _ratio(median_peak(lg), median_peak(s)),

@@ -238,7 +238,8 @@ def upscale(
     chunk_overlap: int = typer.Option(4, min=0, help="frames shared by consecutive chunks, cross-faded"),
     tile: int | None = typer.Option(None, min=1, help="LR tile side in pixels (default: whole frames)"),
     tile_overlap: int = typer.Option(16, min=0, help="LR pixels shared by neighbouring tiles"),
-    fps: float | None = typer.Option(None, help="output frame rate (default: the input's, 25 for frames)"),
+    fps: float | None = typer.Option(None, help="output frame rate (default: the input's, 25 for frames; "
+                                                  "another rate leaves the input's audio out)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing video or PNG folder"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights when the checkpoint has them"),
     device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA when available)"),

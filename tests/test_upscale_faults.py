@@ -6,11 +6,13 @@ import errno
 import os
 from pathlib import Path
 
+import av
 import cv2
 import numpy as np
 import pytest
 
 import gsm.serve.frames as frames_mod
+import gsm.serve.video_out as video_out
 from gsm.io import remove_orphans
 from gsm.models.gsmamba import GSMamba
 from gsm.serve.frames import iter_frames, probe_source, truncation_error
@@ -19,6 +21,7 @@ from test_upscale import model  # noqa: F401 - the tiny network fixture
 
 DEAD_PID = 2**22 + 7  # above Linux's largest pid_max: never a running process
 REAL_WRITER = cv2.VideoWriter
+REAL_H264_WRITE = video_out.H264Writer.write
 
 
 def _video(path: Path, n: int, h: int = 16, w: int = 16) -> Path:
@@ -50,14 +53,26 @@ class _DroppingWriter:
         self.inner.release()
 
 
+def _dropping_h264_write(self: video_out.H264Writer, rgb: np.ndarray) -> None:
+    """H264Writer.write that loses frames after the second, without a word."""
+    if self.frames < 2:
+        REAL_H264_WRITE(self, rgb)
+
+
+@pytest.mark.parametrize("writer", ["h264", "mp4v"])
 def test_a_video_is_committed_only_once_it_decodes_to_every_frame(
-    tmp_path: Path, model: GSMamba, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, model: GSMamba, monkeypatch: pytest.MonkeyPatch, writer: str
 ) -> None:
+    if writer == "mp4v":  # OpenCV's writer, the fallback, is the one known to drop frames silently
+        monkeypatch.setattr(video_out, "H264_ENCODER", "no-such-h264-encoder")
     src = _video(tmp_path / "in.mp4", 4, 8, 8)
     good = tmp_path / "out.mp4"
     upscale_video(model, src, good, chunk=2, chunk_overlap=1, progress=False)
     before = good.read_bytes()
-    monkeypatch.setattr(frames_mod.cv2, "VideoWriter", _DroppingWriter)
+    if writer == "mp4v":
+        monkeypatch.setattr(frames_mod.cv2, "VideoWriter", _DroppingWriter)
+    else:
+        monkeypatch.setattr(video_out.H264Writer, "write", _dropping_h264_write)
     with pytest.raises(ValueError) as info:
         upscale_video(model, src, good, chunk=2, chunk_overlap=1, progress=False, overwrite=True)
     message = str(info.value)
@@ -65,6 +80,27 @@ def test_a_video_is_committed_only_once_it_decodes_to_every_frame(
     assert "not the 4 of 32x32 encoded" in message and "MiB free" in message
     assert good.read_bytes() == before  # --overwrite did not replace a good video with a broken one
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4", "out.mp4"]
+
+
+def test_a_full_disk_while_encoding_h264_is_one_line_and_leaves_nothing(
+    tmp_path: Path, model: GSMamba, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_open = av.open
+
+    def open_on_dev_full(file: object, mode: str = "r", **kwargs: object) -> object:
+        """The temporary video goes to /dev/full, where every write fails with ENOSPC."""
+        if mode == "w" and str(file).endswith(".part.mp4"):
+            return real_open("/dev/full", "w", format="mp4", **kwargs)
+        return real_open(file, mode, **kwargs)
+
+    monkeypatch.setattr(av, "open", open_on_dev_full)
+    src = _video(tmp_path / "in.mp4", 3, 8, 8)
+    with pytest.raises(ValueError) as info:
+        upscale_video(model, src, tmp_path / "out.mp4", progress=False)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{tmp_path / 'out.mp4'}: cannot write frame ")
+    assert "(No space left on device; " in message and message.endswith(" MiB free); nothing written")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.mp4"]
 
 
 def test_a_full_disk_while_writing_pngs_is_one_line_and_leaves_nothing(

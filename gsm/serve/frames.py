@@ -6,7 +6,8 @@ Frames come out as H x W x 3 uint8 RGB with the documented conversions of `gsm.d
 beside the final one and renamed into place only when complete and, for videos, verified: a
 failure or interruption leaves nothing under the final name, and an existing output is only replaced
 when asked to. Temporaries carry the writer's process id (`.<name>.gsm-<pid>-...`), so the next
-writer of the same output removes those whose process is gone (killed with -9).
+writer of the same output removes those whose process is gone (killed with -9). Videos are H.264
+with the input's audio (`gsm.serve.video_out`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
 
@@ -27,13 +29,12 @@ import numpy as np
 
 from gsm.data.images import read_image, to_rgb8, write_png
 from gsm.io import default_mode, free_space, remove_orphans, temp_prefix
+from gsm.serve.video_out import AudioTrack, H264Writer, Mp4vWriter, open_writer, probe_streams
 
-# Containers OpenCV's FFmpeg backend writes here with the 'mp4v' (MPEG-4 part 2) codec; 'avc1'
-# (H.264) is not built into the opencv-python wheels.
+# Containers written with H.264 (or, as the fallback, OpenCV's 'mp4v').
 VIDEO_EXTS = (".mp4", ".avi", ".mkv", ".mov", ".m4v")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pnm")
 DEFAULT_FPS = 25.0
-FOURCC = "mp4v"
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class SourceInfo:
     fps: float | None  # the container's frame rate; None for frames and images, or when unknown
     count: int | None  # frame count if known up front (folders, images; a video's header is only a hint)
     frames: tuple[Path, ...] = ()  # a folder's frame files in natural order
+    rate: Fraction | None = None  # a video's exact frame rate (30000/1001, not 29.97002997), when known
+    audio: AudioTrack | str | None = None  # a video's audio track, copied into a video output; or why unknown
 
     @property
     def names(self) -> list[str] | None:
@@ -102,7 +105,9 @@ def probe_source(src: str | Path) -> SourceInfo:
     finally:
         cap.release()
     fps_known = math.isfinite(fps) and fps > 0
-    return SourceInfo(src, "video", w, h, fps if fps_known else None, count if count > 0 else None)
+    rate, audio = probe_streams(src)
+    return SourceInfo(src, "video", w, h, fps if fps_known else None, count if count > 0 else None,
+                      rate=rate, audio=audio)
 
 
 def _check_size(img: np.ndarray, info: SourceInfo, name: str) -> np.ndarray:
@@ -231,14 +236,14 @@ class FrameSink:
     """
 
     def __init__(
-        self, dst: Path, width: int, height: int, fps: float, names: Sequence[str] | None = None,
-        overwrite: bool = False,
+        self, dst: Path, width: int, height: int, rate: Fraction, names: Sequence[str] | None = None,
+        overwrite: bool = False, audio: AudioTrack | None = None,
     ) -> None:
-        self.dst, self.width, self.height, self.fps = dst, width, height, fps
+        self.dst, self.width, self.height, self.rate = dst, width, height, rate
         self.names, self.overwrite = names, overwrite
         self.video = output_is_video(dst)
         self.count = 0
-        self._writer: cv2.VideoWriter | None = None
+        self._writer: H264Writer | Mp4vWriter | None = None
         prefix = temp_prefix(dst)
         try:
             remove_orphans(dst)
@@ -251,11 +256,11 @@ class FrameSink:
             raise _temp_error(dst, err) from None
         self.tmp = Path(tmp)
         if self.video:
-            writer = cv2.VideoWriter(str(self.tmp), cv2.VideoWriter_fourcc(*FOURCC), fps, (width, height))
-            if not writer.isOpened():
+            try:
+                self._writer = open_writer(self.tmp, dst, width, height, rate, audio)
+            except BaseException:
                 self.abort()
-                raise ValueError(f"{dst}: OpenCV cannot write a '{FOURCC}' video with this extension")
-            self._writer = writer
+                raise
 
     def write(self, img: np.ndarray) -> None:
         """Append one H x W x 3 uint8 RGB frame."""
@@ -263,7 +268,7 @@ class FrameSink:
             raise ValueError(f"{self.dst}: frame {self.count} is {img.shape} {img.dtype}, "
                              f"expected ({self.height}, {self.width}, 3) uint8")
         if self._writer is not None:
-            self._writer.write(cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            self._writer.write(img)
         else:
             name = self.names[self.count] if self.names is not None else f"{self.count:08d}"
             try:
@@ -275,7 +280,7 @@ class FrameSink:
 
     def _verify(self) -> None:
         """A video counts as written once it decodes to every frame at the size encoded: OpenCV's
-        writer only prints a warning when a frame fails (a full disk), and exits as if all went well."""
+        writer (the fallback) only prints a warning when a frame fails (a full disk) and carries on."""
         frames, w, h = count_video_frames(self.tmp)
         if (frames, w, h) != (self.count, self.width, self.height):
             raise ValueError(
@@ -285,10 +290,10 @@ class FrameSink:
     def commit(self) -> None:
         """Finish, verify and move the output under the final name (replacing an old one if allowed)."""
         if self._writer is not None:
-            self._writer.release()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            writer.close()
             if self.count == 0 or self.tmp.stat().st_size == 0:
-                raise ValueError(f"{self.dst}: OpenCV wrote an empty video")
+                raise ValueError(f"{self.dst}: the video writer wrote an empty video")
             self._verify()
         os.chmod(self.tmp, default_mode(folder=not self.video))  # mkstemp/mkdtemp make 0600/0700
         exists = self.dst.exists() or self.dst.is_symlink()
@@ -313,8 +318,8 @@ class FrameSink:
     def abort(self) -> None:
         """Drop the temporary output (idempotent)."""
         if self._writer is not None:
-            self._writer.release()
-            self._writer = None
+            writer, self._writer = self._writer, None
+            writer.abort()
         if self.tmp.is_dir():
             shutil.rmtree(self.tmp, ignore_errors=True)
         else:

@@ -32,6 +32,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ from gsm.serve.frames import (
     output_is_video,
     probe_source,
 )
+from gsm.serve.video_out import AudioTrack, notice
 
 
 @dataclass(frozen=True)
@@ -207,6 +209,27 @@ def _check_names(info: SourceInfo) -> None:
         seen[path.stem] = path
 
 
+def output_rate(fps: float | None, info: SourceInfo) -> Fraction:
+    """`fps` as typed (12.5 -> 25/2), else the input's exact rate, else OpenCV's float made rational, else 25."""
+    if fps is not None:
+        return Fraction(str(fps))
+    if info.rate:
+        return info.rate
+    return Fraction(info.fps or DEFAULT_FPS).limit_denominator(1001)  # 29.97002997 -> 30000/1001
+
+
+def audio_to_copy(info: SourceInfo, fps: float | None) -> AudioTrack | None:
+    """The input's audio track, unless `fps` changes the video's speed: the audio would drift."""
+    if isinstance(info.audio, str):
+        notice(f"{info.path}: {info.audio}; its audio, if any, is not copied")
+        return None
+    if info.audio is None or fps is None or output_rate(fps, info) == output_rate(None, info):
+        return info.audio
+    notice(f"{info.path}: --fps {fps:g} changes the speed of the video (its own rate is "
+           f"{float(output_rate(None, info)):g}); its audio would drift, so it is not copied")  # fmt: skip
+    return None
+
+
 def upscale_video(
     model: nn.Module,
     src: str | Path,
@@ -225,8 +248,9 @@ def upscale_video(
 ) -> UpscaleSummary:
     """Upscale a video file, frame folder or image into a video file or a folder of PNGs.
 
-    `dst` with a video extension (.mp4, .avi, .mkv, .mov, .m4v) is written as an 'mp4v' video at
-    `fps` (default: the input's frame rate, or 25 for frames); any other name, or one ending in a
+    `dst` with a video extension (.mp4, .avi, .mkv, .mov, .m4v) is written as H.264 at `fps`
+    (default: the input's exact frame rate, or 25 for frames) with the input's audio copied
+    (`gsm.serve.video_out`, which says when it falls back); any other name, or one ending in a
     slash, becomes a folder of PNGs (named like the input frames, or 00000000.png ... for videos).
     The output appears only once complete (a video: once it decodes to every frame). A video that
     decodes to fewer frames than its container declares is an error unless `allow_truncated`. The model is moved to `device` (default: CUDA when
@@ -242,7 +266,8 @@ def upscale_video(
         _check_names(info)
     scale = int(getattr(model, "scale", 4))
     out_w, out_h = info.width * scale, info.height * scale
-    out_fps = fps or info.fps or DEFAULT_FPS
+    rate = output_rate(fps, info)
+    audio = audio_to_copy(info, fps) if video_out else None
 
     was_training = model.training
     model.to(dev).eval()
@@ -250,7 +275,7 @@ def upscale_video(
     try:
         with (
             torch.inference_mode(),
-            FrameSink(dst, out_w, out_h, out_fps, names=info.names, overwrite=overwrite) as sink,
+            FrameSink(dst, out_w, out_h, rate, names=info.names, overwrite=overwrite, audio=audio) as sink,
             tqdm(total=info.count, unit="frame", desc=f"upscale {info.path.name}", disable=not progress,
                  dynamic_ncols=True) as bar,
         ):
@@ -263,7 +288,7 @@ def upscale_video(
         model.train(was_training)
     seconds = time.perf_counter() - start_time
     return UpscaleSummary(dst, frames, (info.width, info.height), (out_w, out_h),
-                          out_fps if video_out else None, seconds)
+                          float(rate) if video_out else None, seconds)
 
 
 def upscale_from_checkpoint(
