@@ -277,7 +277,7 @@ def upscale(
         s = upscale_from_checkpoint(model, input, output, use_ema=ema, **kwargs)
     rate = f" at {s.fps:g} fps" if s.fps else ""
     typer.echo(f"wrote {s.output}: {s.frames} frames {s.output_size[0]}x{s.output_size[1]}{rate} "
-               f"from {s.input_size[0]}x{s.input_size[1]}, {s.seconds:.1f} s ({s.frames_per_s:.2f} frames/s)")
+               f"from {s.input_size[0]}x{s.input_size[1]} in {s.seconds:.1f} s: {s.seconds_per_frame:.2f} s per frame")
 
 
 @app.command()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import os
+import re
 import tempfile
 import warnings
 from pathlib import Path
@@ -17,7 +19,7 @@ from gsm.data.images import read_image, write_png
 from gsm.models.config import GSMConfig
 from gsm.models.gsmamba import GSMamba
 from gsm.serve.frames import iter_frames, probe_source
-from gsm.serve.upscale import ChunkStitcher, UpscaleSummary, upscale_from_checkpoint, upscale_video
+from gsm.serve.upscale import ChunkStitcher, UpscaleSummary, progress_bar, upscale_from_checkpoint, upscale_video
 
 # window=3: temporal radius 1, so chunks as short as 2-4 frames are legal and tests stay fast.
 TINY = GSMConfig(embed_dim=16, num_heads=2, prop_layers=1, attn_depth=1, d_state=4, mid_channels=16, window=3)
@@ -321,3 +323,42 @@ def test_bad_settings_are_named(tmp_path: Path, model: GSMamba, kwargs: dict, me
     with pytest.raises(ValueError, match=message):
         upscale_video(model, src, tmp_path / "out.mp4", progress=False, **kwargs)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def _eta_seconds(line: str) -> int:
+    h, m, s = re.search(r"<(?:(\d+):)?(\d+):(\d+),", line).groups()  # type: ignore[union-attr]
+    return int(h or 0) * 3600 + int(m) * 60 + int(s)
+
+
+def test_progress_eta_holds_still_while_frames_come_out_a_chunk_at_a_time() -> None:
+    """250 frames at 4 s each, chunks of 32 sharing 4: 28 frames every 128 s, milliseconds apart.
+    After each burst the bar shows the burst's last frame and an ETA within 5% of the truth."""
+    clock = [0.0]
+    bar = progress_bar(250, "clip.mp4", file=io.StringIO())
+    bar._time = lambda: clock[0]  # tqdm's own clock, here a simulated one
+    bar.start_t = bar.last_print_t = 0.0
+    for burst in range(1, 9):
+        clock[0] = burst * 128.0
+        for _ in range(28):
+            clock[0] += 0.004
+            bar.update(1)
+        assert bar.last_print_n == bar.n == 28 * burst  # drawn up to the burst's last frame
+        truth = (250 - bar.n) * 128 / 28
+        assert _eta_seconds(str(bar)) == pytest.approx(truth, rel=0.05)
+    bar.close()
+
+
+def test_cli_prints_the_seconds_per_frame(tmp_path: Path, model: GSMamba) -> None:
+    from typer.testing import CliRunner
+
+    from gsm.cli import app
+    from gsm.train.checkpoint import save_checkpoint
+
+    save_checkpoint(tmp_path / "model.pt", {"format": "gsm-vsr/1", "config": TINY.to_dict(),
+                                            "model": model.state_dict(), "ema": None})  # fmt: skip
+    src = _write_folder(tmp_path / "in", _frames(2, 8, 8))
+    r = CliRunner().invoke(app, ["upscale", str(src), str(tmp_path / "up"), "--model", str(tmp_path / "model.pt"),
+                                 "--no-progress", "--device", "cpu"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    assert re.fullmatch(rf"wrote {tmp_path / 'up'}: 2 frames 32x32 from 8x8 in \d+\.\d s: \d+\.\d\d s per frame\n",
+                        r.output)

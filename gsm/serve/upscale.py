@@ -69,6 +69,10 @@ class UpscaleSummary:
     def frames_per_s(self) -> float:
         return self.frames / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def seconds_per_frame(self) -> float:
+        return self.seconds / self.frames if self.frames else 0.0
+
 
 def temporal_radius(model: nn.Module) -> int:
     """How far (in frames) a GSMamba gather-scatter window reaches from its anchor; 0 if unknown."""
@@ -200,6 +204,15 @@ def upscale_frames(
         next_end = read + chunk - chunk_overlap
 
 
+def progress_bar(total: int | None, name: str, enabled: bool = True, file: Any = None) -> tqdm:
+    """A frame counter whose ETA holds still although frames come out in bursts, one chunk at a
+    time (on a CPU, minutes apart, then milliseconds apart): the rate is the average since the start
+    (smoothing=0; tqdm's moving average would take a burst's milliseconds for the speed), and every
+    frame is drawn (mininterval=0), so the bar does not sit short of a burst's end until the next."""
+    return tqdm(total=total, unit="frame", desc=f"upscale {name}", disable=not enabled, dynamic_ncols=True,
+                smoothing=0, mininterval=0, miniters=1, file=file)
+
+
 def _check_names(info: SourceInfo) -> None:
     """Output PNGs reuse input stems; `a.png` and `a.jpg` would collide."""
     seen: dict[str, Path] = {}
@@ -276,8 +289,7 @@ def upscale_video(
         with (
             torch.inference_mode(),
             FrameSink(dst, out_w, out_h, rate, names=info.names, overwrite=overwrite, audio=audio) as sink,
-            tqdm(total=info.count, unit="frame", desc=f"upscale {info.path.name}", disable=not progress,
-                 dynamic_ncols=True) as bar,
+            progress_bar(info.count, info.path.name, progress) as bar,
         ):
             for frame in upscale_frames(model, iter_frames(info, allow_truncated), chunk=chunk, chunk_overlap=chunk_overlap,
                                         tile=tile, tile_overlap=tile_overlap, device=dev, bf16=bf16):
