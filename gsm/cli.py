@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 import os
 import re
@@ -11,8 +12,38 @@ from pathlib import Path
 from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="GSM-VSR: Gather-Scatter Mamba video SR.")
+# `gsm --help` lists the commands in the order a run uses them (typer lists them as defined).
+PIPELINE_ORDER = ("prepare", "download", "degrade", "pack", "flow-init", "train", "evaluate", "register",
+                  "model-report", "upscale", "info")
+
+
+def _untyped_flags(params: list[Any]) -> list[Any]:
+    """Flags lose typer's `<bool>` type column, which reads as if they took a value."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class _PipelineGroup(TyperGroup):
+    def list_commands(self, ctx: Any) -> list[str]:
+        rank = {name: i for i, name in enumerate(PIPELINE_ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda name: rank.get(name, len(rank)))
+
+    def get_command(self, ctx: Any, name: str) -> Any:
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _untyped_flags(command.get_params(ctx))  # with its --help, created once and kept
+        return command
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _untyped_flags(super().get_params(ctx))
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_PipelineGroup,
+                  help="GSM-VSR: Gather-Scatter Mamba video SR.")
 _ERRNO = re.compile(r"^\[Errno -?\d+\] ")
 
 
@@ -34,8 +65,28 @@ def one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def package_version() -> str:
+    """The installed distribution's version (what pip and MLflow see), or the source tree's."""
+    try:
+        return importlib.metadata.version("gsm-vsr")
+    except importlib.metadata.PackageNotFoundError:
+        from gsm import __version__
+
+        return f"{__version__} (source tree, not installed)"
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"gsm-vsr {package_version()}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log backend choices.")) -> None:
+def main(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log backend choices."),
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(name)s: %(message)s")
     # MLflow logs store migrations and model checks at INFO; commands print their own summary line.
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "INFO" if verbose else "WARNING")
@@ -44,8 +95,8 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log backen
 @app.command("model-report")
 @one_line_errors
 def model_report_cmd(
-    params: Path = typer.Option(Path("params.yaml"), help="params file; its `model` section is timed"),
-    out: Path = typer.Option(Path("reports"), help="folder for model.md and model.json"),
+    params: Path = typer.Option(Path("params.yaml"), metavar="FILE", help="params file; its `model` section is timed"),
+    out: Path = typer.Option(Path("reports"), metavar="DIR", help="folder for model.md and model.json"),
 ) -> None:
     """Parameter and FLOP counts of the paper config; CPU timing of the params.yaml network."""
     from gsm.models.report import model_report
@@ -80,9 +131,9 @@ def pack(
                                        help="PNG frame folder and LMDB folder; with --verify, only DST"),
     verify: bool = typer.Option(False, "--verify", help="decode every frame of DST; with SRC, after packing, "
                                 "and each must equal its source's pixels"),
-    level: int = typer.Option(1, min=0, max=9, help="PNG compression level of the stored frames"),
-    workers: int = typer.Option(2, min=1, help="encoding processes"),
-    batch: int = typer.Option(500, min=1, help="frames per LMDB commit (the unit of resumption)"),
+    level: int = typer.Option(1, min=0, max=9, metavar="N", help="PNG compression level of the stored frames"),
+    workers: int = typer.Option(2, min=1, metavar="N", help="encoding processes"),
+    batch: int = typer.Option(500, min=1, metavar="FRAMES", help="frames per LMDB commit (the unit of resumption)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Pack PNG frames into a BasicSR-compatible LMDB (rerun to resume), or --verify one."""
@@ -115,8 +166,10 @@ def _load(params: Path) -> Any:
 @app.command()
 @one_line_errors
 def prepare(
-    params: Path = typer.Option(Path("params.yaml"), help="params file: its `data` and `sources` sections"),
-    step: list[str] = typer.Option([], "--step", help="download, degrade or pack (repeatable; default: all three)"),
+    params: Path = typer.Option(Path("params.yaml"), metavar="FILE",
+                                help="params file: its `data` and `sources` sections"),
+    step: list[str] = typer.Option([], "--step", metavar="STEP",
+                                   help="download, degrade or pack (repeatable; default: all three)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Data stage: quickstart frames or the paper's datasets, degraded and packed; writes the manifest."""
@@ -131,8 +184,9 @@ def prepare(
 @one_line_errors
 def download(
     names: list[str] = typer.Argument(..., help="source names from params.yaml `sources` (e.g. reds_val_sharp)"),
-    params: Path = typer.Option(Path("params.yaml"), help="params file: its `sources` and `data` sections"),
-    dest: Path | None = typer.Option(None, help="download folder (default: <data.root>/downloads)"),
+    params: Path = typer.Option(Path("params.yaml"), metavar="FILE",
+                                help="params file: its `sources` and `data` sections"),
+    dest: Path | None = typer.Option(None, metavar="DIR", help="download folder (default: <data.root>/downloads)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Fetch archives (resumable, verified, idempotent)."""
@@ -153,9 +207,10 @@ def download(
 def degrade(
     gt: Path = typer.Argument(..., help="GT frame tree (clip/frame.png)"),
     lr: Path = typer.Argument(..., help="LR output tree"),
-    mode: str = typer.Option("BI", help="BI (MATLAB bicubic) or BD (Gaussian blur sigma 1.6 + subsample)"),
-    scale: int = typer.Option(4, min=2),
-    workers: int = typer.Option(2, min=1),
+    mode: str = typer.Option("BI", metavar="BI|BD",
+                             help="BI (MATLAB bicubic) or BD (Gaussian blur sigma 1.6 + subsample)"),
+    scale: int = typer.Option(4, min=2, metavar="N", help="LR frames are 1/N of the GT's width and height"),
+    workers: int = typer.Option(2, min=1, metavar="N", help="worker processes"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Write LR frames for a GT tree (parallel, resumable: finished clips are skipped)."""
@@ -170,9 +225,11 @@ def degrade(
 @app.command("flow-init")
 @one_line_errors
 def flow_init(
-    params: Path = typer.Option(Path("params.yaml"), help="params file: `data` and `flow_init` sections"),
-    runs: Path = typer.Option(Path("runs"), help="runs folder: writes <runs>/flow/spynet.pth"),
-    out: Path = typer.Option(Path("reports"), help="folder for flow_init.json (held-out EPE before/after)"),
+    params: Path = typer.Option(Path("params.yaml"), metavar="FILE",
+                                help="params file: `data` and `flow_init` sections"),
+    runs: Path = typer.Option(Path("runs"), metavar="DIR", help="runs folder: writes <runs>/flow/spynet.pth"),
+    out: Path = typer.Option(Path("reports"), metavar="DIR",
+                             help="folder for flow_init.json (held-out EPE before/after)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Distil SpyNet from OpenCV's DIS flow on the training frames: a starting flow without downloads."""
@@ -186,11 +243,13 @@ def flow_init(
 @app.command()
 @one_line_errors
 def train(
-    stage: str = typer.Option(..., help="reds (pretraining) or vimeo (finetuning from reds)"),
-    params: Path = typer.Option(Path("params.yaml"), help="params file: `model`, `data`, `train`, `eval`"),
-    runs: Path = typer.Option(Path("runs"), help="runs folder: <runs>/<stage>/checkpoints, metrics.jsonl"),
-    tracking_uri: str | None = typer.Option(None, help="MLflow store (default: $MLFLOW_TRACKING_URI, "
-                                                       "else params' mlflow.tracking_uri)"),
+    stage: str = typer.Option(..., metavar="reds|vimeo", help="reds (pretraining) or vimeo (finetuning from reds)"),
+    params: Path = typer.Option(Path("params.yaml"), metavar="FILE",
+                                help="params file: `model`, `data`, `train`, `eval`"),
+    runs: Path = typer.Option(Path("runs"), metavar="DIR",
+                              help="runs folder: <runs>/<stage>/checkpoints, metrics.jsonl"),
+    tracking_uri: str | None = typer.Option(None, metavar="URI", help="MLflow store (default: "
+                                            "$MLFLOW_TRACKING_URI, else params' mlflow.tracking_uri)"),
     restart_on_change: bool = typer.Option(False, "--restart-on-change",
                                            help="start over when last.pt was written with other settings"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
@@ -209,12 +268,15 @@ def train(
 @app.command()
 @one_line_errors
 def evaluate(
-    params: Path = typer.Option(Path("params.yaml"), help="params file: `data` and `eval` sections"),
-    model: Path | None = typer.Option(None, "--model", help="checkpoint (default: the last trained stage's last.pt)"),
-    runs: Path = typer.Option(Path("runs"), help="runs folder (checkpoints and training logs for the plots)"),
-    out: Path = typer.Option(Path("reports"), help="folder for metrics.json, per_clip.csv, benchmark.md, plots/"),
-    tracking_uri: str | None = typer.Option(None, help="MLflow store (default: $MLFLOW_TRACKING_URI, "
-                                                       "else params' mlflow.tracking_uri)"),
+    params: Path = typer.Option(Path("params.yaml"), metavar="FILE", help="params file: `data` and `eval` sections"),
+    model: Path | None = typer.Option(None, "--model", metavar="CHECKPOINT",
+                                      help="checkpoint (default: the last trained stage's last.pt)"),
+    runs: Path = typer.Option(Path("runs"), metavar="DIR",
+                              help="runs folder (checkpoints and training logs for the plots)"),
+    out: Path = typer.Option(Path("reports"), metavar="DIR",
+                             help="folder for metrics.json, per_clip.csv, benchmark.md, plots/"),
+    tracking_uri: str | None = typer.Option(None, metavar="URI", help="MLflow store (default: "
+                                            "$MLFLOW_TRACKING_URI, else params' mlflow.tracking_uri)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Benchmarks (REDS4, Vimeo-90K-T, Vid4, or the quickstart's) with the bicubic baseline; reports."""
@@ -232,25 +294,32 @@ def upscale(
     input: Path = typer.Argument(..., help="video file, folder of frames, or a single image"),
     # str, not Path: a Path drops the trailing "/" that asks for a PNG folder.
     output: str = typer.Argument(..., help="video (.mp4 .avi .mkv .mov .m4v) or PNG folder (other names, or ending in /)"),
-    model: str = typer.Option(..., "--model", "-m", help="training checkpoint (runs/<stage>/checkpoints/last.pt) "
-                              "or registered model (models:/gsm-vsr@champion, models:/gsm-vsr/3, runs:/...)"),
-    chunk: int = typer.Option(32, min=1, help="frames the network sees at once (memory grows with it)"),
-    chunk_overlap: int = typer.Option(4, min=0, help="frames shared by consecutive chunks, cross-faded"),
-    tile: int | None = typer.Option(None, min=1, help="LR tile side in pixels (default: whole frames)"),
-    tile_overlap: int = typer.Option(16, min=0, help="LR pixels shared by neighbouring tiles"),
-    fps: float | None = typer.Option(None, help="output frame rate (default: the input's, 25 for frames; "
-                                                  "another rate leaves the input's audio out)"),
+    model: str = typer.Option(..., "--model", "-m", metavar="CHECKPOINT|URI",
+                              help="training checkpoint (runs/<stage>/checkpoints/last.pt) "
+                                   "or registered model (models:/gsm-vsr@champion, models:/gsm-vsr/3, runs:/...)"),
+    chunk: int = typer.Option(32, min=1, metavar="FRAMES",
+                              help="frames the network sees at once (memory grows with it)"),
+    chunk_overlap: int = typer.Option(4, min=0, metavar="FRAMES",
+                                      help="frames shared by consecutive chunks, cross-faded"),
+    tile: int | None = typer.Option(None, min=1, metavar="PIXELS",
+                                    help="LR tile side in pixels (default: whole frames)"),
+    tile_overlap: int = typer.Option(16, min=0, metavar="PIXELS", help="LR pixels shared by neighbouring tiles"),
+    fps: float | None = typer.Option(None, metavar="FPS",
+                                     help="output frame rate (default: the input's, 25 for frames; "
+                                          "another rate leaves the input's audio out)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing video or PNG folder"),
     ema: bool = typer.Option(True, "--ema/--no-ema", help="EMA weights when the checkpoint has them"),
-    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 (default: CUDA when available)"),
+    device: str | None = typer.Option(None, metavar="DEVICE",
+                                      help="cpu, cuda, cuda:1 (default: CUDA when available)"),
     bf16: bool = typer.Option(False, "--bf16", help="bf16 autocast (CUDA only)"),
     allow_truncated: bool = typer.Option(False, "--allow-truncated",
                                          help="upscale what decodes of a video shorter than its container says"),
-    tracking_uri: str | None = typer.Option(None, help="MLflow store resolving models:/ URIs (default: "
-                                                       "$MLFLOW_TRACKING_URI, else --params' mlflow.tracking_uri)"),
-    params: Path = typer.Option(Path("params.yaml"), help="params file, read for its `mlflow` section (models:/ URIs)"),
-    retries: int = typer.Option(0, min=0, help="retries of an unreachable tracking server (models:/ URIs; "
-                                               "each waits up to 10 s)"),
+    tracking_uri: str | None = typer.Option(None, metavar="URI", help="MLflow store resolving models:/ URIs "
+                                            "(default: $MLFLOW_TRACKING_URI, else --params' mlflow.tracking_uri)"),
+    params: Path = typer.Option(Path("params.yaml"), metavar="FILE",
+                                help="params file, read for its `mlflow` section (models:/ URIs)"),
+    retries: int = typer.Option(0, min=0, metavar="N", help="retries of an unreachable tracking server "
+                                "(models:/ URIs; each waits up to 10 s)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bar on stderr"),
 ) -> None:
     """Upscale a video or frame folder x4 with a checkpoint or a registered model, streaming in chunks."""
@@ -283,13 +352,16 @@ def upscale(
 @app.command()
 @one_line_errors
 def register(
-    params: Path = typer.Option(Path("params.yaml"), help="params file: `mlflow` (store, model name, gate) and `data`"),
-    runs: Path = typer.Option(Path("runs"), help="runs folder (default checkpoint: the last trained stage's last.pt)"),
-    reports: Path = typer.Option(Path("reports"), help="folder with metrics.json; registry.json is written there"),
-    model: Path | None = typer.Option(None, "--model",
+    params: Path = typer.Option(Path("params.yaml"), metavar="FILE",
+                                help="params file: `mlflow` (store, model name, gate) and `data`"),
+    runs: Path = typer.Option(Path("runs"), metavar="DIR",
+                              help="runs folder (default checkpoint: the last trained stage's last.pt)"),
+    reports: Path = typer.Option(Path("reports"), metavar="DIR",
+                                 help="folder with metrics.json; registry.json is written there"),
+    model: Path | None = typer.Option(None, "--model", metavar="CHECKPOINT",
                                       help="checkpoint to register (must be the one metrics.json scores)"),
-    tracking_uri: str | None = typer.Option(None, help="MLflow store (default: $MLFLOW_TRACKING_URI, "
-                                                       "else params' mlflow.tracking_uri)"),
+    tracking_uri: str | None = typer.Option(None, metavar="URI", help="MLflow store (default: "
+                                            "$MLFLOW_TRACKING_URI, else params' mlflow.tracking_uri)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Register the evaluated checkpoint in MLflow; `champion` moves to it only if it beats the champion."""
