@@ -32,11 +32,15 @@ def _zip(members: dict[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def _archives() -> dict[str, bytes]:
-    """Official layouts at toy sizes: REDS 240 + 30 clips of 2 frames, 3 Vimeo septuplets, Vid4 GT."""
+# REDS4 (000, 011, 015, 020) and two val clips: the smallest REDS the paper profile accepts.
+TOY_REDS = {"reds_train_clips": 21, "reds_val_clips": 2}
+
+
+def _archives(n_train: int = 21, n_val: int = 2) -> dict[str, bytes]:
+    """Official layouts at toy sizes: REDS clips of 2 frames, 3 Vimeo septuplets, Vid4 GT."""
     rng = np.random.default_rng(0)
     files = {}
-    for split, n in (("train", 240), ("val", 30)):
+    for split, n in (("train", n_train), ("val", n_val)):
         gt = {f"{split}/{split}_sharp/{c:03d}/{f:08d}.png": _png(rng, 16, 16) for c in range(n) for f in range(2)}
         lr = {f"{split}/{split}_sharp_bicubic/X4/{c:03d}/{f:08d}.png": _png(rng, 4, 4) for c in range(n) for f in range(2)}
         files[f"{split}_sharp.zip"] = _zip(gt)
@@ -50,24 +54,26 @@ def _archives() -> dict[str, bytes]:
     return files
 
 
+SERVED = {
+    "reds_train_sharp": "/train_sharp.zip", "reds_train_sharp_bicubic": "/train_sharp_bicubic.zip",
+    "reds_val_sharp": "/val_sharp.zip", "reds_val_sharp_bicubic": "/val_sharp_bicubic.zip",
+    "vimeo_septuplet": "/vimeo_septuplet.zip", "vid4_gt": "/Vid4.zip",
+}  # fmt: skip
+
+
 def test_paper_profile_from_archives(http_server: LoopbackServer, tmp_path: Path) -> None:  # noqa: F811
     http_server.files.update(_archives())
-    names = {
-        "reds_train_sharp": "/train_sharp.zip", "reds_train_sharp_bicubic": "/train_sharp_bicubic.zip",
-        "reds_val_sharp": "/val_sharp.zip", "reds_val_sharp_bicubic": "/val_sharp_bicubic.zip",
-        "vimeo_septuplet": "/vimeo_septuplet.zip", "vid4_gt": "/Vid4.zip",
-    }  # fmt: skip
-    sources = sources_from_dict({k: {"url": http_server.url(v)} for k, v in names.items()})
-    cfg = DataConfig(profile="paper", root=str(tmp_path / "data"), workers=1)
+    sources = sources_from_dict({k: {"url": http_server.url(v)} for k, v in SERVED.items()})
+    cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path / "data"), "workers": 1, "paper": TOY_REDS})
     path = prepare_data(cfg, sources, progress=False)
     m = read_manifest(cfg)
     assert path == tmp_path / "data" / "paper" / "manifest.json"
 
-    # REDS: val merged as 240-269, REDS4 held out of training.
-    assert len(m["reds"]["train"]) == 266 and m["reds"]["test"] == list(REDS4_CLIPS)
-    assert "269" in m["reds"]["train"] and not set(REDS4_CLIPS) & set(m["reds"]["train"])
-    assert m["reds"]["frames_per_clip"]["269"] == 2
-    assert (Path(m["reds"]["gt_lmdb"]) / "meta_info.txt").read_text().count("\n") == 540
+    # REDS, a subset of the official layout: val merged from 240, REDS4 held out of training.
+    assert len(m["reds"]["train"]) == 21 - 4 + 2 and m["reds"]["test"] == list(REDS4_CLIPS)
+    assert m["reds"]["train"][-2:] == ["240", "241"] and not set(REDS4_CLIPS) & set(m["reds"]["train"])
+    assert m["reds"]["frames_per_clip"]["241"] == 2
+    assert (Path(m["reds"]["gt_lmdb"]) / "meta_info.txt").read_text().count("\n") == 2 * 23
     # Vimeo: BI LR degraded here from the sequences; lists from the archive.
     assert m["vimeo"]["train"] == ["00001/0001", "00001/0002"] and m["vimeo"]["test"] == ["00002/0001"]
     assert cv2.imread(str(Path(m["vimeo"]["lr_folder"]) / "00002/0001/im4.png")).shape == (4, 6, 3)
@@ -91,6 +97,20 @@ def test_paper_profile_from_archives(http_server: LoopbackServer, tmp_path: Path
     prepare_data(cfg, sources, progress=False)
     assert len(http_server.requests) == before
     assert read_manifest(cfg) == m
+
+
+def test_reds_subset_counts_are_checked(http_server: LoopbackServer, tmp_path: Path) -> None:  # noqa: F811
+    """Official counts by default; a subset must keep REDS4, and archives must hold exactly it."""
+    assert DataConfig().paper.reds_train_clips == 240 and DataConfig().paper.reds_val_clips == 30
+    for bad, key in (({"reds_train_clips": 20}, "reds_train_clips must be 21..240"),
+                     ({"reds_val_clips": 31}, "reds_val_clips must be 0..30")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^data\.paper\.{key}"):
+            DataConfig.from_dict({"profile": "paper", "paper": bad})
+    http_server.files.update(_archives(n_train=22))
+    sources = sources_from_dict({k: {"url": http_server.url(v)} for k, v in SERVED.items()})
+    cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path), "workers": 1, "paper": TOY_REDS})
+    with pytest.raises(ValueError, match=r"unexpected clip folder .*021 \(expected 21 clips\)"):
+        prepare_data(cfg, sources, steps=("download",), progress=False)
 
 
 def test_missing_vid4_mirror_is_one_line_error(tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ each handing the next an `index.json` (the manifest in the making):
 1. download -> `source/`: quickstart: the GT trees `source/{reds_like,vimeo_like}/GT` cut from the
    bundled videos (gsm.data.quickstart); paper: archives in `source/downloads/`, unpacked in
    `source/raw/<source>/`, REDS regrouped (hard links) into `source/REDS/{GT,BIx4}` (270 clips, val
-   as 240-269), Vimeo-90K GT in `source/raw/vimeo_septuplet/sequences`, Vid4 GT (and LR when
+   as 240-269; `data.paper` sets smaller counts for toy archives), Vimeo-90K GT in `source/raw/vimeo_septuplet/sequences`, Vid4 GT (and LR when
    their URLs are set).
 2. degrade -> `lr/`: the LR frames no archive provides, with our MATLAB-exact BI (and BD for
    Vid4): quickstart `lr/{reds_like,vimeo_like}/BIx4`, paper `lr/Vimeo/BIx4`, `lr/Vid4/{BIx4,BDx4}`.
@@ -37,7 +37,7 @@ from gsm.data.datasets import VID4_CLIPS, read_list
 from gsm.data.download import fetch
 from gsm.data.extract import extract
 from gsm.data.lmdb_io import pack_lmdb
-from gsm.data.reds import REDS_STRIP, regroup_reds, reds_partition
+from gsm.data.reds import REDS4, REDS_STRIP, VAL_OFFSET, regroup_reds, reds_partition
 from gsm.data.sources import Source
 from gsm.io import atomic_write_json, atomic_write_text
 
@@ -70,6 +70,24 @@ class QuickstartConfig:
 
 
 @dataclass(frozen=True)
+class PaperConfig:
+    """Only to make tiny test profiles of the paper data; the defaults are the real datasets."""
+
+    # REDS archives holding train clips 000..N-1 and val clips 000..M-1 (val becomes 240..): the
+    # regroup step demands exactly these, so a toy archive is checked as strictly as the real one.
+    reds_train_clips: int = 240
+    reds_val_clips: int = 30
+
+    def __post_init__(self) -> None:
+        last_reds4 = int(max(REDS4)) + 1  # REDS4 must stay complete, and out of training
+        if not last_reds4 <= self.reds_train_clips <= VAL_OFFSET:
+            raise ValueError(f"data.paper.reds_train_clips must be {last_reds4}..{VAL_OFFSET} "
+                             f"(REDS4 is clips {', '.join(REDS4)}), got {self.reds_train_clips}")  # fmt: skip
+        if not 0 <= self.reds_val_clips <= 30:
+            raise ValueError(f"data.paper.reds_val_clips must be 0..30, got {self.reds_val_clips}")
+
+
+@dataclass(frozen=True)
 class DataConfig:
     profile: Literal["quickstart", "paper"] = "quickstart"
     root: str = "data"
@@ -79,6 +97,7 @@ class DataConfig:
     max_extract_gb: float = 200.0  # refuse archives that would unpack to more (zip bombs)
     download_retries: int = 3
     quickstart: QuickstartConfig = field(default_factory=QuickstartConfig)
+    paper: PaperConfig = field(default_factory=PaperConfig)
 
     def __post_init__(self) -> None:
         if not 0 <= self.png_level <= 9:
@@ -215,8 +234,9 @@ def _download_paper(cfg: DataConfig, sources: dict[str, Source], progress: bool)
     """REDS, Vimeo-90K and Vid4 from their archives (downloads resume; finished ones are skipped)."""
     raw = {name: _fetch_extract(sources[name], cfg, strip, progress) for name, strip in REDS_STRIP.items()}
     reds_dir = cfg.source_dir / "REDS"
-    clips = regroup_reds(raw["reds_train_sharp"], raw["reds_val_sharp"], reds_dir / "GT")
-    regroup_reds(raw["reds_train_sharp_bicubic"], raw["reds_val_sharp_bicubic"], reds_dir / "BIx4")
+    counts = {"n_train": cfg.paper.reds_train_clips, "n_val": cfg.paper.reds_val_clips}
+    clips = regroup_reds(raw["reds_train_sharp"], raw["reds_val_sharp"], reds_dir / "GT", **counts)
+    regroup_reds(raw["reds_train_sharp_bicubic"], raw["reds_val_sharp_bicubic"], reds_dir / "BIx4", **counts)
     train, test = reds_partition(clips)
     vimeo_raw = _fetch_extract(sources["vimeo_septuplet"], cfg, 1, progress)  # vimeo_septuplet/...
     lists = {k: read_list(vimeo_raw / f"sep_{k}list.txt") for k in ("train", "test")}
