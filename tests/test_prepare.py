@@ -15,6 +15,7 @@ from gsm.data.catalog import eval_sets, train_stores
 from gsm.data.datasets import REDS4_CLIPS, VID4_CLIPS
 from gsm.data.prepare import DataConfig, prepare_data, read_manifest
 from gsm.data.sources import sources_from_dict
+from gsm.data.vid4 import VID4_SIZES
 from gsm.params import parse_params
 
 
@@ -33,7 +34,7 @@ def _zip(members: dict[str, bytes]) -> bytes:
 
 
 # REDS4 (000, 011, 015, 020) and two val clips: the smallest REDS the paper profile accepts.
-TOY_REDS = {"reds_train_clips": 21, "reds_val_clips": 2}
+TOY = {"reds_train_clips": 21, "reds_val_clips": 2, "vid4_shrink": 4}  # Vid4 at 1/4 size
 
 
 def _archives(n_train: int = 21, n_val: int = 2) -> dict[str, bytes]:
@@ -50,7 +51,8 @@ def _archives(n_train: int = 21, n_val: int = 2) -> dict[str, bytes]:
     vimeo["vimeo_septuplet/sep_trainlist.txt"] = b"00001/0001\n00001/0002\n"
     vimeo["vimeo_septuplet/sep_testlist.txt"] = b"00002/0001\n"
     files["vimeo_septuplet.zip"] = _zip(vimeo)
-    files["Vid4.zip"] = _zip({f"Vid4/GT/{c}/{f:04d}.png": _png(rng, 16, 20) for c in VID4_CLIPS for f in range(3)})
+    files["Vid4.zip"] = _zip({f"Vid4/GT/{c}/{f:04d}.png": _png(rng, h // 4, w // 4)
+                              for c, (h, w) in VID4_SIZES.items() for f in range(3)})  # fmt: skip
     return files
 
 
@@ -64,7 +66,7 @@ SERVED = {
 def test_paper_profile_from_archives(http_server: LoopbackServer, tmp_path: Path) -> None:  # noqa: F811
     http_server.files.update(_archives())
     sources = sources_from_dict({k: {"url": http_server.url(v)} for k, v in SERVED.items()})
-    cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path / "data"), "workers": 1, "paper": TOY_REDS})
+    cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path / "data"), "workers": 1, "paper": TOY})
     path = prepare_data(cfg, sources, progress=False)
     m = read_manifest(cfg)
     assert path == tmp_path / "data" / "paper" / "manifest.json"
@@ -90,7 +92,7 @@ def test_paper_profile_from_archives(http_server: LoopbackServer, tmp_path: Path
     assert set(tests) == {"REDS4", "Vimeo-90K-T", "Vid4-BI", "Vid4-BD"}
     assert tests["REDS4"].dataset.names == list(REDS4_CLIPS)
     assert tests["Vimeo-90K-T"].dataset.center_index == 3
-    assert tests["Vid4-BD"].dataset[0]["lq"].shape[-2:] == (4, 5)
+    assert tests["Vid4-BD"].dataset[0]["lq"].shape[-2:] == (36, 45)  # calendar 144x180 -> 36x45
 
     # A rerun is idempotent: nothing is requested again and the manifest is the same.
     before = len(http_server.requests)
@@ -108,7 +110,7 @@ def test_reds_subset_counts_are_checked(http_server: LoopbackServer, tmp_path: P
             DataConfig.from_dict({"profile": "paper", "paper": bad})
     http_server.files.update(_archives(n_train=22))
     sources = sources_from_dict({k: {"url": http_server.url(v)} for k, v in SERVED.items()})
-    cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path), "workers": 1, "paper": TOY_REDS})
+    cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path), "workers": 1, "paper": TOY})
     with pytest.raises(ValueError, match=r"unexpected clip folder .*021 \(expected 21 clips\)"):
         prepare_data(cfg, sources, steps=("download",), progress=False)
 

@@ -10,8 +10,9 @@ each handing the next an `index.json` (the manifest in the making):
 1. download -> `source/`: quickstart: the GT trees `source/{reds_like,vimeo_like}/GT` cut from the
    bundled videos (gsm.data.quickstart); paper: archives in `source/downloads/`, unpacked in
    `source/raw/<source>/`, REDS regrouped (hard links) into `source/REDS/{GT,BIx4}` (270 clips, val
-   as 240-269; `data.paper` sets smaller counts for toy archives), Vimeo-90K GT in `source/raw/vimeo_septuplet/sequences`, Vid4 GT (and LR when
-   their URLs are set).
+   as 240-269; `data.paper` sets smaller counts for toy archives), Vimeo-90K GT in
+   `source/raw/vimeo_septuplet/sequences`, Vid4 GT and the LR shipped with it or set as its own
+   source (gsm.data.vid4 recognises the mirrors' layouts and checks the frame sizes).
 2. degrade -> `lr/`: the LR frames no archive provides, with our MATLAB-exact BI (and BD for
    Vid4): quickstart `lr/{reds_like,vimeo_like}/BIx4`, paper `lr/Vimeo/BIx4`, `lr/Vid4/{BIx4,BDx4}`.
 3. pack -> `lmdb/` and `manifest.json`: BasicSR-style LMDBs of every GT/LR training tree.
@@ -33,12 +34,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from gsm.configs import from_mapping
-from gsm.data.datasets import VID4_CLIPS, read_list
+from gsm.data.datasets import read_list
 from gsm.data.download import fetch
 from gsm.data.extract import extract
 from gsm.data.lmdb_io import pack_lmdb
 from gsm.data.reds import REDS4, REDS_STRIP, VAL_OFFSET, regroup_reds, reds_partition
 from gsm.data.sources import Source
+from gsm.data.vid4 import LR_FOLDERS, check_vid4, find_lr, find_vid4
 from gsm.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,7 @@ class PaperConfig:
     # regroup step demands exactly these, so a toy archive is checked as strictly as the real one.
     reds_train_clips: int = 240
     reds_val_clips: int = 30
+    vid4_shrink: int = 1  # Vid4 GT frames expected at 1/N of their real sizes (LR still exactly 1/4)
 
     def __post_init__(self) -> None:
         last_reds4 = int(max(REDS4)) + 1  # REDS4 must stay complete, and out of training
@@ -85,6 +88,8 @@ class PaperConfig:
                              f"(REDS4 is clips {', '.join(REDS4)}), got {self.reds_train_clips}")  # fmt: skip
         if not 0 <= self.reds_val_clips <= 30:
             raise ValueError(f"data.paper.reds_val_clips must be 0..30, got {self.reds_val_clips}")
+        if self.vid4_shrink not in (1, 2, 4):  # every Vid4 side is a multiple of 16: GT/4 stays whole
+            raise ValueError(f"data.paper.vid4_shrink must be 1, 2 or 4, got {self.vid4_shrink}")
 
 
 @dataclass(frozen=True)
@@ -211,23 +216,32 @@ def _fetch_extract(src: Source, cfg: DataConfig, strip: int, progress: bool) -> 
                    strip=strip, progress=progress)  # fmt: skip
 
 
-def find_clip_parent(root: Path, clips: tuple[str, ...], what: str) -> Path:
-    """The folder under `root` holding all of `clips` as sub-folders (mirrors nest Vid4 differently)."""
-    for cand in [root, *sorted(p for p in root.rglob("*") if p.is_dir())]:
-        if all((cand / c).is_dir() for c in clips):
-            return cand
-    raise FileNotFoundError(f"{what}: no folder under {root} holds the clip folders {', '.join(clips)}")
+def _vid4_lr(sources: dict[str, Source], cfg: DataConfig, shipped: dict[str, Path], progress: bool) -> dict[str, Path]:
+    """BI/BD LR folders: a set vid4_bix4/vid4_bdx4 source first, else the GT archive's; the rest
+    the degrade step makes. The log says which is used."""
+    lr = {}
+    for mode, name in (("bi", "vid4_bix4"), ("bd", "vid4_bdx4")):
+        label = LR_FOLDERS[mode]
+        if sources[name].url:
+            lr[mode] = find_lr(_fetch_extract(sources[name], cfg, 0, progress), mode, name)
+            log.info("Vid4 %s: %s from sources.%s%s", label, lr[mode], name,
+                     " (not the one in the vid4_gt archive)" if mode in shipped else "")  # fmt: skip
+        elif mode in shipped:
+            lr[mode] = shipped[mode]
+            log.info("Vid4 %s: %s, shipped in the vid4_gt archive", label, lr[mode])
+        else:
+            log.info("Vid4 %s: none shipped, the degrade step makes it from GT", label)
+    return lr
 
 
 def _download_vid4(sources: dict[str, Source], cfg: DataConfig, progress: bool) -> dict[str, str]:
-    """Vid4 GT, and its BI/BD LR where their URLs are set (the degrade step makes the others)."""
-    out = {"gt_folder": str(find_clip_parent(_fetch_extract(sources["vid4_gt"], cfg, 0, progress), VID4_CLIPS,
-                                             "vid4_gt"))}  # fmt: skip
-    for mode, name in (("bi", "vid4_bix4"), ("bd", "vid4_bdx4")):
-        if sources[name].url:
-            out[f"{mode}_folder"] = str(find_clip_parent(_fetch_extract(sources[name], cfg, 0, progress),
-                                                         VID4_CLIPS, name))  # fmt: skip
-    return out
+    """Vid4 GT and the LR that came with it or from its own source (the degrade step makes the
+    others), checked against Vid4's frame sizes."""
+    layout = find_vid4(_fetch_extract(sources["vid4_gt"], cfg, 0, progress), "vid4_gt")
+    lr = _vid4_lr(sources, cfg, layout.lr, progress)
+    check_vid4(layout.gt, lr, shrink=cfg.paper.vid4_shrink)
+    log.info("Vid4 GT: %s", layout.gt)
+    return {"gt_folder": str(layout.gt), **{f"{mode}_folder": str(folder) for mode, folder in lr.items()}}
 
 
 def _download_paper(cfg: DataConfig, sources: dict[str, Source], progress: bool) -> dict[str, Any]:
