@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gsm.data.extract import MARKER, _Budget, extract
+from gsm.data.extract import MARKER, UnreadableArchive, _Budget, extract, extraction_record
 
 FILES = {
     "train/train_sharp/000/00000000.png": b"frame-0",
@@ -202,3 +202,34 @@ def test_killed_extractions_are_cleaned_up_and_the_result_gets_the_umask(tmp_pat
         os.umask(old)
     assert sorted(p.name for p in out.iterdir()) == sorted(["train_sharp", live.name])
     assert dest.stat().st_mode & 0o777 == 0o755
+
+
+def test_extraction_is_tied_to_its_archive(tmp_path: Path) -> None:
+    """A finished folder is reused only for the archive (sha256) and strip it was made from."""
+    archive = _zip(tmp_path / "a.zip", FILES)
+    dest = tmp_path / "out"
+    old = {"sha256": "1" * 64, "url": "http://old/a.zip"}
+    extract(archive, dest, max_bytes=1000, strip=2, progress=False, origin=old)
+    assert extraction_record(dest) == {"archive": "a.zip", "strip": 2, **old}
+    stamp = (dest / MARKER).stat().st_mtime_ns
+    extract(archive, dest, max_bytes=1000, strip=2, progress=False, origin={**old, "url": "http://mirror/a.zip"})
+    assert (dest / MARKER).stat().st_mtime_ns == stamp  # same bytes from a mirror: not redone
+
+    _zip(archive, {"train/train_sharp/000/00000000.png": b"new"})  # another archive, same name
+    new = {"sha256": "2" * 64}
+    extract(archive, dest, max_bytes=1000, strip=2, progress=False, origin=new)
+    assert (dest / "000" / "00000000.png").read_bytes() == b"new" and not (dest / "001").exists()
+    extract(archive, dest, max_bytes=1000, strip=1, progress=False, origin=new)
+    assert (dest / "train_sharp" / "000" / "00000000.png").is_file() and not (dest / "000").exists()
+    (dest / MARKER).write_text("a.zip\n")  # a marker from before the records: not trusted
+    assert extraction_record(dest) == {}
+    extract(archive, dest, max_bytes=1000, strip=1, progress=False, origin=new)
+    assert extraction_record(dest)["sha256"] == "2" * 64
+
+
+def test_truncated_archive_is_unreadable(tmp_path: Path) -> None:
+    archive = _zip(tmp_path / "a.zip", FILES)
+    archive.write_bytes(archive.read_bytes()[:-40])  # the end of the central directory is gone
+    with pytest.raises(UnreadableArchive, match=rf"^{tmp_path}/a\.zip: not a readable zip or tar archive"):
+        extract(archive, tmp_path / "out", max_bytes=1000, progress=False, origin={"sha256": "3" * 64})
+    _assert_nothing_left(tmp_path / "out")

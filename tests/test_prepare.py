@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 from pathlib import Path
@@ -76,6 +77,7 @@ def test_paper_profile_from_archives(http_server: LoopbackServer, tmp_path: Path
     assert m["reds"]["train"][-2:] == ["240", "241"] and not set(REDS4_CLIPS) & set(m["reds"]["train"])
     assert m["reds"]["frames_per_clip"]["241"] == 2
     assert (Path(m["reds"]["gt_lmdb"]) / "meta_info.txt").read_text().count("\n") == 2 * 23
+    assert m["archives"]["vid4_gt"] == hashlib.sha256(http_server.files["Vid4.zip"]).hexdigest()  # bytes, not URLs
     # Vimeo: BI LR degraded here from the sequences; lists from the archive.
     assert m["vimeo"]["train"] == ["00001/0001", "00001/0002"] and m["vimeo"]["test"] == ["00002/0001"]
     assert cv2.imread(str(Path(m["vimeo"]["lr_folder"]) / "00002/0001/im4.png")).shape == (4, 6, 3)
@@ -113,6 +115,42 @@ def test_reds_subset_counts_are_checked(http_server: LoopbackServer, tmp_path: P
     cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path), "workers": 1, "paper": TOY})
     with pytest.raises(ValueError, match=r"unexpected clip folder .*021 \(expected 21 clips\)"):
         prepare_data(cfg, sources, steps=("download",), progress=False)
+
+
+def test_new_archive_is_extracted_again_and_a_broken_one_named(
+    http_server: LoopbackServer, tmp_path: Path  # noqa: F811
+) -> None:
+    """raw/<source> follows the archive's bytes; a broken archive's error names the file to delete."""
+    from gsm.data.prepare import _fetch_extract
+    from gsm.data.sources import Source
+
+    cfg = DataConfig(profile="paper", root=str(tmp_path))
+    good = _zip({"a.txt": b"new"})
+    http_server.files.update({"old/v.zip": _zip({"a.txt": b"old"}), "new/v2.zip": good,
+                              "fix/v2.zip": _zip({"a.txt": b"fixed"}), "cut/v3.zip": good[:-40]})  # fmt: skip
+
+    def run(path: str, **kw: str) -> Path:
+        return _fetch_extract(Source("vid4_gt", http_server.url(path), **kw), cfg, 0, False)  # type: ignore[arg-type]
+
+    raw = run("old/v.zip")
+    assert (raw / "a.txt").read_bytes() == b"old"
+    assert (run("new/v2.zip") / "a.txt").read_bytes() == b"new"  # the issue's case: was the old extraction
+    assert (run("fix/v2.zip") / "a.txt").read_bytes() == b"fixed"  # same file name, other URL: fetched again
+    before = len(http_server.requests)
+    run("fix/v2.zip")
+    assert len(http_server.requests) == before
+
+    archive = cfg.source_dir / "downloads" / "v3.zip"
+    with pytest.raises(ValueError) as err:
+        run("cut/v3.zip")
+    msg = str(err.value)
+    assert msg.startswith(f"vid4_gt: {archive}: not a readable zip or tar archive (") and "\n" not in msg
+    assert msg.endswith(f"; delete {archive} to download it again") and not raw.exists()
+    with pytest.raises(ValueError, match=r"it matches sources\.vid4_gt\.sha256, so the archive at .*v3\.zip is broken"):
+        run("cut/v3.zip", sha256=hashlib.sha256(good[:-40]).hexdigest())
+    archive.unlink()
+    http_server.files["cut/v3.zip"] = good
+    assert (run("cut/v3.zip") / "a.txt").read_bytes() == b"new"
 
 
 def test_missing_vid4_mirror_is_one_line_error(tmp_path: Path) -> None:

@@ -104,3 +104,22 @@ def test_bicubic_root_hint_and_official_counts(mini_reds: dict[str, Path], tmp_p
     with pytest.raises(ValueError, match="unexpected clip folder .*005"):
         regroup_reds(mini_reds["reds_train_sharp"], mini_reds["reds_val_sharp"], tmp_path / "GT", n_train=5, n_val=2)
     assert (mini_reds["reds_train_sharp"] / MARKER).is_file()
+
+
+def test_regroup_follows_its_archives(mini_reds: dict[str, Path], tmp_path: Path) -> None:
+    """Hard links keep the old frames: new archives (another origin) or counts mean a new regroup."""
+    train, val = mini_reds["reds_train_sharp"], mini_reds["reds_val_sharp"]
+    out = tmp_path / "GT"
+    regroup_reds(train, val, out, n_train=6, n_val=2, origin="a")
+    frame = out / "000" / "00000000.png"
+    stamp = frame.stat().st_ino
+    regroup_reds(train, val, out, n_train=6, n_val=2, origin="a")
+    assert frame.stat().st_ino == stamp
+    src = train / "000" / "00000000.png"
+    src.unlink()
+    src.write_bytes(_png(200, (16, 16)))  # what a re-extraction from another archive leaves
+    regroup_reds(train, val, out, n_train=6, n_val=2, origin="b")
+    assert frame.read_bytes() == src.read_bytes()
+    shutil.rmtree(val / "001")
+    assert regroup_reds(train, val, out, n_train=6, n_val=1, origin="b")[-1] == "240"
+    assert not (out / "241").exists()

@@ -2,32 +2,44 @@
 
 Bytes arrive in ``<final>.part``; only a file that passes the size and checksum checks is renamed
 (atomically) to its final name, so a final name on disk always means "complete". When a source
-has neither size nor checksum, nothing can be checked and an existing final file is trusted.
+has neither size nor checksum, nothing can be checked and an existing final file is trusted (if
+it came from the same URL).
 
 Transient failures (cannot connect, timeouts, HTTP 5xx/408/429, a connection dropped mid-body)
 are retried with exponential back-off and resume from the bytes already received; an attempt that
 extends the partial file past its previous high-water mark does not count against ``retries``.
 Other HTTP errors fail at once. ``file://`` URLs and plain paths are copied through the same
 verify-then-rename path.
+
+Every finished file gets a record beside it (``<file>.digest``: size, mtime, sha256, md5, URL),
+written from the bytes just verified. Extractions are tied to that sha256, so a new archive under
+an old name is extracted again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import json
+import logging
 import os
 import re
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from tqdm import tqdm
 
 from gsm.data.sources import Source, require_url
+from gsm.io import atomic_write_json
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+DIGEST_SUFFIX = ".digest"  # <archive>.digest: JSON of its size, mtime, sha256, md5 and URL
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 _RETRY_STATUS = {408, 429}  # 4xx codes that mean "try again later", not "wrong request"
 
@@ -67,36 +79,65 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _mismatch(path: Path, source: Source, progress: bool) -> str | None:
-    """Why ``path`` is not ``source``'s archive, or None when every known check passes."""
-    size = path.stat().st_size
-    if source.size is not None and size != source.size:
-        return f"size mismatch (expected {source.size} bytes, got {size})"
-    algos = {a: getattr(source, a) for a in ("sha256", "md5") if getattr(source, a)}
-    if not algos:
-        return None
-    hashers = {a: hashlib.new(a) for a in algos}
+def _hash(path: Path, progress: bool) -> dict[str, Any]:
+    """Size, mtime and both digests of a file, in one read."""
+    st = path.stat()
+    hashers = {a: hashlib.new(a) for a in ("sha256", "md5")}
     with open(path, "rb") as f, tqdm(
-        total=size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"verify {path.name}",
+        total=st.st_size, unit="B", unit_scale=True, unit_divisor=1024, desc=f"digest {path.name}",
         disable=not progress, leave=False,
     ) as bar:
         while chunk := f.read(CHUNK):
             for h in hashers.values():
                 h.update(chunk)
             bar.update(len(chunk))
-    for algo, expected in algos.items():
-        got = hashers[algo].hexdigest()
-        if got != expected:
-            return f"checksum mismatch ({algo} expected {expected}, got {got})"
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, **{a: h.hexdigest() for a, h in hashers.items()}}
+
+
+def record_path(path: Path) -> Path:
+    """Where a downloaded file's digest record lives: beside it."""
+    return path.with_name(path.name + DIGEST_SUFFIX)
+
+
+def digest_record(path: Path, *, url: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """``path``'s size, sha256, md5 and source URL, from its record while size and mtime still
+    match it (an 82 GB archive is hashed once, not on every run), else computed and recorded."""
+    path = Path(path)
+    st = path.stat()
+    try:
+        rec = json.loads(record_path(path).read_text())
+        if rec.get("size") == st.st_size and rec.get("mtime_ns") == st.st_mtime_ns:
+            return rec
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        pass
+    return _write_record(path, _hash(path, progress), url)
+
+
+def _write_record(path: Path, rec: dict[str, Any], url: str | None) -> dict[str, Any]:
+    rec = {**rec, "url": url}
+    atomic_write_json(record_path(path), rec)
+    return rec
+
+
+def _mismatch(rec: dict[str, Any], source: Source) -> str | None:
+    """Why the file ``rec`` describes is not ``source``'s archive, or None when every known check passes."""
+    if source.size is not None and rec["size"] != source.size:
+        return f"size mismatch (expected {source.size} bytes, got {rec['size']})"
+    for algo in ("sha256", "md5"):
+        expected = getattr(source, algo)
+        if expected and rec[algo] != expected:
+            return f"checksum mismatch ({algo} expected {expected}, got {rec[algo]})"
     return None
 
 
 def _finish(part: Path, final: Path, source: Source, url: str, progress: bool) -> None:
-    problem = _mismatch(part, source, progress)
+    rec = _hash(part, progress)
+    problem = _mismatch(rec, source)
     if problem is not None:
         part.unlink(missing_ok=True)  # wrong bytes: resuming from them could never verify
         raise ValueError(f"{source.name}: {problem} for {url}")
-    os.replace(part, final)
+    os.replace(part, final)  # keeps the mtime: the record stays valid
+    _write_record(final, rec, url)
 
 
 def fetch(
@@ -111,7 +152,8 @@ def fetch(
     """Download (or copy) ``source`` into ``dest_dir`` and return the verified file's path.
 
     Idempotent: a final file that verifies is returned without any request; one that does not is
-    removed and fetched again. ``retries`` counts attempts after the first.
+    removed and fetched again. Without size or checksum a final file is trusted, unless its record
+    says it came from another URL. ``retries`` counts attempts after the first.
     """
     url = require_url(source)
     if retries < 0 or backoff < 0 or timeout <= 0:
@@ -120,9 +162,14 @@ def fetch(
     final = dest_dir / source.filename
     part = final.with_name(final.name + ".part")
     if final.is_file():
-        if _mismatch(final, source, progress) is None:
+        if not _checked(source):
+            if _same_url(final, source, url):
+                return final  # nothing to check: the file on disk is trusted
+        elif _mismatch(digest_record(final, url=url, progress=progress), source) is None:
             return final
-        final.unlink()
+        else:
+            final.unlink()
+            record_path(final).unlink(missing_ok=True)
     dest_dir.mkdir(parents=True, exist_ok=True)
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme in ("http", "https"):
@@ -133,6 +180,26 @@ def fetch(
         raise ValueError(f"{source.name}: unsupported URL scheme {scheme!r} in {url}")
     _finish(part, final, source, url, progress)
     return final
+
+
+def _same_url(final: Path, source: Source, url: str) -> bool:
+    """Whether an unchecked file on disk came from ``url`` (or nobody recorded where it came from).
+    Another URL under the same file name means other bytes were asked for: fetch them, and let
+    the new file replace the old one only once it is complete."""
+    try:
+        recorded = json.loads(record_path(final).read_text()).get("url")
+    except (FileNotFoundError, json.JSONDecodeError, AttributeError):
+        return True
+    if recorded in (None, url):
+        return True
+    log.info("%s: %s came from %s, sources.%s.url is now %s: downloading again", source.name, final, recorded,
+             source.name, url)  # fmt: skip
+    return False
+
+
+def _checked(source: Source) -> bool:
+    """Whether anything about ``source``'s bytes is known; without it a file on disk is trusted."""
+    return source.size is not None or bool(source.sha256) or bool(source.md5)
 
 
 def _local_path(url: str) -> Path:

@@ -10,12 +10,15 @@ and by counting the bytes actually written, since headers can lie.
 Everything lands in a temporary folder beside ``dest`` that is renamed into place only after a
 ``.complete`` marker is written last, so ``dest`` either is complete or does not exist. The
 temporary folder carries the process id, so a later extraction removes one whose process was
-killed; the finished folder gets the umask's permissions, not mkdtemp's 0700.
+killed; the finished folder gets the umask's permissions, not mkdtemp's 0700. The marker records
+which archive (by sha256) the folder came from, so a finished folder is never reused for another.
 """
 
 from __future__ import annotations
 
 import gzip
+import json
+import logging
 import lzma
 import os
 import re
@@ -26,19 +29,29 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from tqdm import tqdm
 
 from gsm.io import default_mode, remove_orphans, temp_prefix
 
-MARKER = ".complete"
+log = logging.getLogger(__name__)
+
+MARKER = ".complete"  # JSON: the archive's name, strip and origin (its sha256 ...), written last
 CHUNK = 1 << 20
 _CORRUPT = (zipfile.BadZipFile, tarfile.TarError, zlib.error, lzma.LZMAError, EOFError, gzip.BadGzipFile)
 
 
 class _Unsafe(ValueError):
     """A member we refuse; the message names the member, ``extract`` prefixes the archive."""
+
+
+class _Broken(Exception):
+    """A member whose data does not decode; ``extract`` raises it as UnreadableArchive."""
+
+
+class UnreadableArchive(ValueError):
+    """The archive's bytes are broken (truncated, corrupt): the message names the file to replace."""
 
 
 def _member_parts(name: str, strip: int) -> list[str]:
@@ -117,7 +130,7 @@ def _extract_zip(archive: Path, root: Path, budget: _Budget, strip: int, progres
                 with zf.open(info) as src:
                     budget.copy(src, path, info.file_size, info.filename)
             except _CORRUPT as exc:
-                raise _Unsafe(f"member {info.filename!r}: corrupt data ({exc})") from None
+                raise _Broken(f"member {info.filename!r}: corrupt data ({exc})") from None
 
 
 def _extract_tar(archive: Path, root: Path, budget: _Budget, strip: int, progress: bool) -> None:
@@ -185,14 +198,44 @@ def _check_link_targets(root: Path) -> None:
                     raise _Unsafe(f"member {rel!r}: link resolves outside the destination")
 
 
-def extract(archive: Path, dest: Path, *, max_bytes: int, strip: int = 0, progress: bool = True) -> Path:
+def extraction_record(dest: Path) -> dict[str, Any] | None:
+    """What a complete ``dest`` was extracted from (see ``extract``'s ``origin``); None when
+    ``dest`` is not complete, {} for a marker older than these records."""
+    try:
+        rec = json.loads((Path(dest) / MARKER).read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError:
+        return {}
+    return rec if isinstance(rec, dict) else {}
+
+
+def _reusable(dest: Path, strip: int, origin: dict[str, Any] | None) -> bool:
+    """Whether a complete ``dest`` came from this archive (or the caller ties it to none)."""
+    rec = extraction_record(dest)
+    if rec is None:
+        return False
+    if origin is None or (rec.get("sha256") == origin.get("sha256") and rec.get("strip") == strip):
+        return True
+    log.info("%s was extracted from another archive than %s: extracting again", dest, origin.get("sha256"))
+    shutil.rmtree(dest)
+    return False
+
+
+def extract(
+    archive: Path, dest: Path, *, max_bytes: int, strip: int = 0, progress: bool = True,
+    origin: dict[str, Any] | None = None,
+) -> Path:  # fmt: skip
     """Safely unpack a .zip or .tar(.gz/.bz2/.xz) into ``dest`` (skipped if already complete).
 
     ``strip`` drops that many leading path components from every member (like tar's
     --strip-components), e.g. 2 turns REDS's ``train/train_sharp/000/...`` into ``000/...``.
+    ``origin`` identifies the archive (its ``sha256`` and whatever else the caller records in the
+    marker): a complete ``dest`` from another archive or another ``strip`` is extracted again.
+    Without it any complete ``dest`` is reused. Broken bytes raise ``UnreadableArchive``.
     """
     archive, dest = Path(archive), Path(dest)
-    if (dest / MARKER).is_file():
+    if _reusable(dest, strip, origin):
         return dest
     if dest.exists():
         raise FileExistsError(f"{dest}: exists without a {MARKER} marker; remove it to extract {archive.name} there")
@@ -204,18 +247,8 @@ def extract(archive: Path, dest: Path, *, max_bytes: int, strip: int = 0, progre
     remove_orphans(dest)  # what an extraction killed with -9 left (hundreds of GB for REDS)
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(dest), suffix=".tmp", dir=dest.parent))
     try:
-        budget = _Budget(max_bytes)
-        try:
-            if zipfile.is_zipfile(archive):
-                _extract_zip(archive, tmp, budget, strip, progress)
-            else:
-                _extract_tar(archive, tmp, budget, strip, progress)
-                _check_link_targets(tmp)
-        except _Unsafe as exc:
-            raise ValueError(f"{archive}: {exc}") from None
-        except _CORRUPT as exc:
-            raise ValueError(f"{archive}: not a readable zip or tar archive ({exc})") from None
-        (tmp / MARKER).write_text(f"{archive.name}\n")
+        _unpack(archive, tmp, max_bytes, strip, progress)
+        (tmp / MARKER).write_text(json.dumps({"archive": archive.name, "strip": strip, **(origin or {})}) + "\n")
         os.chmod(tmp, default_mode(folder=True))  # mkdtemp's 0700 would hide the dataset from others
         try:
             os.rename(tmp, dest)
@@ -228,3 +261,19 @@ def extract(archive: Path, dest: Path, *, max_bytes: int, strip: int = 0, progre
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dest
+
+
+def _unpack(archive: Path, tmp: Path, max_bytes: int, strip: int, progress: bool) -> None:
+    budget = _Budget(max_bytes)
+    try:
+        if zipfile.is_zipfile(archive):
+            _extract_zip(archive, tmp, budget, strip, progress)
+        else:
+            _extract_tar(archive, tmp, budget, strip, progress)
+            _check_link_targets(tmp)
+    except _Unsafe as exc:
+        raise ValueError(f"{archive}: {exc}") from None
+    except _Broken as exc:
+        raise UnreadableArchive(f"{archive}: {exc}") from None
+    except _CORRUPT as exc:
+        raise UnreadableArchive(f"{archive}: not a readable zip or tar archive ({exc})") from None

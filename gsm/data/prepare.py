@@ -35,8 +35,8 @@ from typing import Any, Literal
 
 from gsm.configs import from_mapping
 from gsm.data.datasets import read_list
-from gsm.data.download import fetch
-from gsm.data.extract import extract
+from gsm.data.download import digest_record, fetch
+from gsm.data.extract import UnreadableArchive, extract, extraction_record
 from gsm.data.lmdb_io import pack_lmdb
 from gsm.data.reds import REDS4, REDS_STRIP, VAL_OFFSET, regroup_reds, reds_partition
 from gsm.data.sources import Source
@@ -211,16 +211,33 @@ def _download_quickstart(cfg: DataConfig, progress: bool) -> dict[str, Any]:
 
 
 def _fetch_extract(src: Source, cfg: DataConfig, strip: int, progress: bool) -> Path:
+    """``raw/<source>``, extracted from the archive now on disk: one extracted from another archive
+    (by sha256) is extracted again; a broken archive is a one-line error naming the file."""
     archive = fetch(src, cfg.source_dir / "downloads", retries=cfg.download_retries, progress=progress)
-    return extract(archive, cfg.source_dir / "raw" / src.name, max_bytes=int(cfg.max_extract_gb * 1e9),
-                   strip=strip, progress=progress)  # fmt: skip
+    rec = digest_record(archive, url=src.url, progress=progress)
+    origin = {k: rec.get(k) for k in ("sha256", "md5", "size", "url")}
+    try:
+        return extract(archive, cfg.source_dir / "raw" / src.name, max_bytes=int(cfg.max_extract_gb * 1e9),
+                       strip=strip, progress=progress, origin=origin)  # fmt: skip
+    except UnreadableArchive as exc:
+        fix = (f"it matches sources.{src.name}.sha256, so the archive at {src.url} is broken" if src.sha256
+               else f"delete {archive} to download it again")  # fmt: skip
+        raise UnreadableArchive(f"{src.name}: {exc}; {fix}") from None
+
+
+def _archive_digests(raw: dict[str, Path]) -> dict[str, str | None]:
+    """Source -> sha256 of the archive its folder came from: the index changes with the bytes."""
+    return {name: (extraction_record(folder) or {}).get("sha256") for name, folder in sorted(raw.items())}
+
+
+VID4_SOURCES = ("vid4_gt", "vid4_bix4", "vid4_bdx4")
 
 
 def _vid4_lr(sources: dict[str, Source], cfg: DataConfig, shipped: dict[str, Path], progress: bool) -> dict[str, Path]:
     """BI/BD LR folders: a set vid4_bix4/vid4_bdx4 source first, else the GT archive's; the rest
     the degrade step makes. The log says which is used."""
     lr = {}
-    for mode, name in (("bi", "vid4_bix4"), ("bd", "vid4_bdx4")):
+    for mode, name in zip(("bi", "bd"), VID4_SOURCES[1:]):
         label = LR_FOLDERS[mode]
         if sources[name].url:
             lr[mode] = find_lr(_fetch_extract(sources[name], cfg, 0, progress), mode, name)
@@ -244,19 +261,28 @@ def _download_vid4(sources: dict[str, Source], cfg: DataConfig, progress: bool) 
     return {"gt_folder": str(layout.gt), **{f"{mode}_folder": str(folder) for mode, folder in lr.items()}}
 
 
+def _regroup(raw: dict[str, Path], train: str, val: str, out: Path, counts: dict[str, int]) -> list[str]:
+    """regroup_reds tied to the archives' digests: new archives mean new hard links."""
+    origin = json.dumps(_archive_digests({k: raw[k] for k in (train, val)}), sort_keys=True)
+    return regroup_reds(raw[train], raw[val], out, origin=origin, **counts)
+
+
 def _download_paper(cfg: DataConfig, sources: dict[str, Source], progress: bool) -> dict[str, Any]:
     """REDS, Vimeo-90K and Vid4 from their archives (downloads resume; finished ones are skipped)."""
     raw = {name: _fetch_extract(sources[name], cfg, strip, progress) for name, strip in REDS_STRIP.items()}
     reds_dir = cfg.source_dir / "REDS"
     counts = {"n_train": cfg.paper.reds_train_clips, "n_val": cfg.paper.reds_val_clips}
-    clips = regroup_reds(raw["reds_train_sharp"], raw["reds_val_sharp"], reds_dir / "GT", **counts)
-    regroup_reds(raw["reds_train_sharp_bicubic"], raw["reds_val_sharp_bicubic"], reds_dir / "BIx4", **counts)
+    clips = _regroup(raw, "reds_train_sharp", "reds_val_sharp", reds_dir / "GT", counts)
+    _regroup(raw, "reds_train_sharp_bicubic", "reds_val_sharp_bicubic", reds_dir / "BIx4", counts)
     train, test = reds_partition(clips)
-    vimeo_raw = _fetch_extract(sources["vimeo_septuplet"], cfg, 1, progress)  # vimeo_septuplet/...
+    raw["vimeo_septuplet"] = vimeo_raw = _fetch_extract(sources["vimeo_septuplet"], cfg, 1, progress)
     lists = {k: read_list(vimeo_raw / f"sep_{k}list.txt") for k in ("train", "test")}
+    vid4 = _download_vid4(sources, cfg, progress)
+    raw.update({name: cfg.source_dir / "raw" / name for name in VID4_SOURCES if sources[name].url})
     return {
         "profile": "paper",
         "made_from": {name: dataclasses.asdict(src) for name, src in sorted(sources.items())},
+        "archives": _archive_digests(raw),
         "reds": {
             "kind": "reds", "name": "REDS", "gt_folder": str(reds_dir / "GT"), "lr_folder": str(reds_dir / "BIx4"),
             "train": train, "test": test, "test_name": "REDS4",
@@ -266,7 +292,7 @@ def _download_paper(cfg: DataConfig, sources: dict[str, Source], progress: bool)
             "kind": "vimeo", "name": "Vimeo", "gt_folder": str(vimeo_raw / "sequences"),
             "train": lists["train"], "test": lists["test"], "test_name": "Vimeo-90K-T",
         },
-        "vid4": _download_vid4(sources, cfg, progress),
+        "vid4": vid4,
     }  # fmt: skip
 
 

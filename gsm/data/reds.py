@@ -8,13 +8,18 @@ so the extracted archives stay intact and no frame data is duplicated on disk.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from gsm.data.extract import MARKER
+
+log = logging.getLogger(__name__)
 
 REDS4 = ("000", "011", "015", "020")
 VAL_OFFSET = 240  # val clip i becomes clip 240 + i
@@ -55,18 +60,39 @@ def _place(src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
+def _complete(out_dir: Path, want: dict[str, Any] | None) -> bool:
+    """Whether ``out_dir`` is finished and made as ``want`` says; one made otherwise is removed."""
+    marker = out_dir / MARKER
+    if not marker.is_file():
+        return False
+    if want is None:
+        return True
+    try:
+        rec = json.loads(marker.read_text())
+    except json.JSONDecodeError:
+        rec = {}
+    if isinstance(rec, dict) and all(rec.get(k) == v for k, v in want.items()):
+        return True
+    log.info("%s was regrouped from other archives or counts: regrouping again", out_dir)
+    shutil.rmtree(out_dir)
+    return False
+
+
 def regroup_reds(
-    train_dir: Path, val_dir: Path, out_dir: Path, *, n_train: int = 240, n_val: int = 30
+    train_dir: Path, val_dir: Path, out_dir: Path, *, n_train: int = 240, n_val: int = 30, origin: str | None = None
 ) -> list[str]:
     """Build ``out_dir/<clip>/<frame>.png`` for train clips plus val clips renumbered from 240.
 
     Call once for the GT folders and once for the x4 bicubic folders (their X4 subfolders).
     Idempotent: a completed ``out_dir`` (``.complete`` marker) is returned as is, even after the
-    source folders are deleted. ``n_train``/``n_val`` default to the official counts and are only
-    smaller for synthetic test sets. Returns the sorted clip names.
+    source folders are deleted. ``origin`` names what the sources were extracted from (their
+    archives' digests): a completed ``out_dir`` of another origin or other counts is made again,
+    since its hard links still hold the old frames; None reuses any. ``n_train``/``n_val`` default
+    to the official counts and are only smaller for synthetic test sets. Returns the sorted clips.
     """
     out_dir = Path(out_dir)
-    if (out_dir / MARKER).is_file():
+    want = {"origin": origin, "n_train": n_train, "n_val": n_val}
+    if _complete(out_dir, want if origin is not None else None):
         return sorted(p.name for p in out_dir.iterdir() if p.is_dir() and p.name.isdigit())
     if out_dir.exists():
         raise FileExistsError(f"{out_dir}: exists without a {MARKER} marker; remove it to regroup REDS there")
@@ -98,7 +124,7 @@ def regroup_reds(
             (tmp / name).mkdir()
             for frame in frames[name]:
                 _place(clip_dir / frame, tmp / name / frame)
-        (tmp / MARKER).write_text(f"{len(plan)} clips x {len(expected or [])} frames\n")
+        (tmp / MARKER).write_text(json.dumps({**want, "clips": len(plan), "frames": len(expected or [])}) + "\n")
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
