@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup setup-cuda test repro repro-paper ablations schedule mlflow-ui bench clean
+.PHONY: setup setup-cuda test repro repro-paper paper-params ablations schedule mlflow-ui bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,9 +29,17 @@ repro: $(STAMP)
 # The paper's numbers: REDS + Vimeo-90K + Vid4, the paper's network and recipe, on CUDA GPUs
 # (README "Reproducing the paper"). params.yaml becomes configs/paper.yaml; `git checkout
 # params.yaml` returns to the quickstart. Data and runs are per profile, so nothing is mixed.
-repro-paper: setup-cuda
-	cp configs/paper.yaml params.yaml
+repro-paper: paper-params setup-cuda
 	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/dvc repro
+
+# The switch refuses (no backup is kept) when params.yaml holds uncommitted edits that
+# configs/paper.yaml would overwrite; already the paper profile, it is a no-op. Put paper edits
+# (a Vid4 mirror, checksums) in configs/paper.yaml, or commit them, before switching.
+paper-params:
+	@if ! cmp -s configs/paper.yaml params.yaml && ! git diff --quiet HEAD -- params.yaml; then \
+	  echo "error: params.yaml has uncommitted changes that configs/paper.yaml would overwrite:" \
+	    "commit or stash them, or copy them into configs/paper.yaml" >&2; exit 1; fi
+	cp configs/paper.yaml params.yaml
 
 # mamba-ssm and causal-conv1d ship as sources only. scripts/setup_cuda.py installs the projects'
 # prebuilt wheel where one matches, else compiles for this machine's GPUs only (or CUDA_ARCHS,

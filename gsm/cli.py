@@ -186,17 +186,21 @@ def download(
     names: list[str] = typer.Argument(..., help="source names from params.yaml `sources` (e.g. reds_val_sharp)"),
     params: Path = typer.Option(Path("params.yaml"), metavar="FILE",
                                 help="params file: its `sources` and `data` sections"),
-    dest: Path | None = typer.Option(None, metavar="DIR", help="download folder (default: <data.root>/downloads)"),
+    dest: Path | None = typer.Option(None, metavar="DIR", help="download folder (default: the pipeline's, "
+                                     "<data.root>/<data.profile>/source/downloads)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Fetch archives (resumable, verified, idempotent)."""
     from gsm.data.download import fetch
+    from gsm.data.sources import require_url
 
     p = _load(params)
     unknown = [n for n in names if n not in p.sources]
     if unknown:
         raise ValueError(f"unknown source {unknown[0]!r} (known: {', '.join(p.sources)})")
-    folder = dest or Path(p.data.root) / "downloads"
+    for name in names:  # every name's settings before the first byte
+        require_url(p.sources[name])
+    folder = dest or p.data.downloads_dir
     for name in names:
         path = fetch(p.sources[name], folder, retries=p.data.download_retries, progress=progress)
         typer.echo(f"{name}: {path}")

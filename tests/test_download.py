@@ -124,10 +124,23 @@ def test_idempotent_second_fetch_makes_no_request(http_server: LoopbackServer, t
     assert len(http_server.requests) == 1
 
 
-def test_corrupt_final_file_is_fetched_again(http_server: LoopbackServer, tmp_path: Path) -> None:
-    (tmp_path / "archive.zip").write_bytes(b"stale")
-    out = fetch(_source(http_server, md5=MD5), tmp_path, **FAST)
+def test_wrong_checksum_keeps_the_file_on_disk(
+    http_server: LoopbackServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch  # noqa: F811
+) -> None:
+    """A finished archive that no longer matches params is kept and named with what it has."""
+    out = fetch(_source(http_server, sha256=SHA), tmp_path, **FAST)
+    wrong = "0" * 64
+    with pytest.raises(ValueError) as err:
+        fetch(_source(http_server, sha256=wrong), tmp_path, **FAST)
+    assert str(err.value) == (f"demo: {out} (kept) has sha256 {SHA}, not sources.demo.sha256 {wrong}: correct the "
+                              "sha256 in params.yaml, or delete the file to download it again")  # fmt: skip
+    with pytest.raises(ValueError, match=rf"has size {len(BODY)}, not sources\.demo\.size 5:"):
+        fetch(_source(http_server, size=5), tmp_path, **FAST)
     assert out.read_bytes() == BODY and len(http_server.requests) == 1
+    import gsm.data.download as download
+
+    monkeypatch.setattr(download, "_hash", lambda *a: pytest.fail("hashed again"))
+    assert fetch(_source(http_server, md5=MD5), tmp_path, **FAST) == out  # its record holds the digests
 
 
 @pytest.mark.parametrize("as_url", [True, False])

@@ -153,6 +153,70 @@ def test_new_archive_is_extracted_again_and_a_broken_one_named(
     assert (run("cut/v3.zip") / "a.txt").read_bytes() == b"new"
 
 
+def test_deleted_archive_keeps_its_recorded_extraction(
+    http_server: LoopbackServer, tmp_path: Path  # noqa: F811
+) -> None:
+    """The extraction records its archive's digest: deleting the archive costs no download."""
+    from dataclasses import replace
+
+    from gsm.data.prepare import _fetch_extract
+    from gsm.data.sources import Source
+
+    cfg = DataConfig(profile="paper", root=str(tmp_path))
+    body = _zip({"a.txt": b"x"})
+    http_server.files.update({"v.zip": body, "mirror/v.zip": body, "w.zip": _zip({"a.txt": b"w"})})
+    sha = hashlib.sha256(body).hexdigest()
+    src = Source("vid4_gt", http_server.url("v.zip"))
+    raw = _fetch_extract(src, cfg, 0, False)
+    (cfg.downloads_dir / "v.zip").unlink()
+    before = len(http_server.requests)
+    mirror = replace(src, url=http_server.url("mirror/v.zip"), sha256=sha)  # the same bytes elsewhere
+    same = (src, replace(src, sha256=sha, size=len(body)), mirror)
+    assert [_fetch_extract(s, cfg, 0, False) for s in same] == [raw] * 3
+    assert len(http_server.requests) == before
+    # Other bytes asked for (another URL and no checksum): fetched and extracted.
+    other = replace(src, url=http_server.url("w.zip"))
+    assert (_fetch_extract(other, cfg, 0, False) / "a.txt").read_bytes() == b"w"
+    assert len(http_server.requests) == before + 1
+
+
+def test_gsm_download_saves_where_the_pipeline_looks(tmp_path: Path) -> None:
+    import yaml
+    from typer.testing import CliRunner
+
+    from gsm.cli import app
+    from gsm.data.prepare import _fetch_extract
+
+    mirror = tmp_path / "mirror" / "Vid4.zip"
+    mirror.parent.mkdir()
+    mirror.write_bytes(_zip({"a.txt": b"x"}))
+    raw = {"data": {"profile": "paper", "root": str(tmp_path / "data")}, "sources": {"vid4_gt": {"url": str(mirror)}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    r = CliRunner().invoke(app, ["download", "vid4_gt", "--params", str(tmp_path / "params.yaml"), "--no-progress"])
+    p = parse_params(raw)
+    assert r.exit_code == 0 and r.output == f"vid4_gt: {p.data.downloads_dir / 'Vid4.zip'}\n", r.output
+    assert p.data.downloads_dir == tmp_path / "data" / "paper" / "source" / "downloads"
+    mirror.unlink()  # the pipeline takes the downloaded copy
+    assert (_fetch_extract(p.sources["vid4_gt"], p.data, 0, False) / "a.txt").read_bytes() == b"x"
+
+
+def test_every_source_is_checked_before_the_first_byte(
+    http_server: LoopbackServer, tmp_path: Path  # noqa: F811
+) -> None:
+    from conftest import merged
+
+    urls = {k: {"url": http_server.url(v)} for k, v in SERVED.items()}
+    cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path), "paper": TOY})
+    for bad, msg in (
+        ({"vid4_gt": {"url": None}}, r"^source vid4_gt has no URL: set sources\.vid4_gt\.url in params"),
+        ({"vid4_bdx4": {"url": str(tmp_path / "no.zip")}}, r"^vid4_bdx4: no file at .* \(sources\.vid4_bdx4\.url\)$"),
+        ({"vimeo_septuplet": {"url": "ftp://x/v.zip"}}, r"unsupported URL scheme 'ftp' in sources\.vimeo_septuplet"),
+    ):  # fmt: skip
+        with pytest.raises((ValueError, FileNotFoundError), match=msg):
+            prepare_data(cfg, sources_from_dict(merged(urls, bad)), steps=("download",), progress=False)
+    assert http_server.requests == [] and not cfg.source_dir.exists()
+
+
 def test_missing_vid4_mirror_is_one_line_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"sources\.vid4_gt\.url"):
         from gsm.data.prepare import _download_vid4

@@ -13,7 +13,7 @@ verify-then-rename path.
 
 Every finished file gets a record beside it (``<file>.digest``: size, mtime, sha256, md5, URL),
 written from the bytes just verified. Extractions are tied to that sha256, so a new archive under
-an old name is extracted again.
+an old name is extracted again, and an extraction stays valid after its archive is deleted.
 """
 
 from __future__ import annotations
@@ -130,6 +130,32 @@ def _mismatch(rec: dict[str, Any], source: Source) -> str | None:
     return None
 
 
+def _verify_on_disk(final: Path, source: Source, url: str, progress: bool) -> None:
+    """A finished file verified once, so a mismatch now is as likely a wrong checksum in params as
+    a damaged file: it is kept (an 82 GB archive), and the error says what it has."""
+    rec = digest_record(final, url=url, progress=progress)
+    for key in ("size", "sha256", "md5"):
+        expected = getattr(source, key)
+        if expected is not None and rec[key] != expected:
+            raise ValueError(
+                f"{source.name}: {final} (kept) has {key} {rec[key]}, not sources.{source.name}.{key} {expected}: "
+                f"correct the {key} in params.yaml, or delete the file to download it again"
+            )
+
+
+def check_source(source: Source) -> None:
+    """A one-line error naming the key when ``source`` cannot be fetched as set (no URL, unknown
+    scheme, a local mirror file missing): run before the first byte, not after 100 GB."""
+    url = require_url(source)
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme in ("file", ""):
+        path = _local_path(url)
+        if not path.is_file():
+            raise FileNotFoundError(f"{source.name}: no file at {path} (sources.{source.name}.url)")
+    elif scheme not in ("http", "https"):
+        raise ValueError(f"{source.name}: unsupported URL scheme {scheme!r} in sources.{source.name}.url")
+
+
 def _finish(part: Path, final: Path, source: Source, url: str, progress: bool) -> None:
     rec = _hash(part, progress)
     problem = _mismatch(rec, source)
@@ -152,8 +178,9 @@ def fetch(
     """Download (or copy) ``source`` into ``dest_dir`` and return the verified file's path.
 
     Idempotent: a final file that verifies is returned without any request; one that does not is
-    removed and fetched again. Without size or checksum a final file is trusted, unless its record
-    says it came from another URL. ``retries`` counts attempts after the first.
+    kept and named in the error (the params may be what is wrong). Without size or checksum a final
+    file is trusted, unless its record says it came from another URL. ``retries`` counts attempts
+    after the first.
     """
     url = require_url(source)
     if retries < 0 or backoff < 0 or timeout <= 0:
@@ -165,11 +192,9 @@ def fetch(
         if not _checked(source):
             if _same_url(final, source, url):
                 return final  # nothing to check: the file on disk is trusted
-        elif _mismatch(digest_record(final, url=url, progress=progress), source) is None:
-            return final
         else:
-            final.unlink()
-            record_path(final).unlink(missing_ok=True)
+            _verify_on_disk(final, source, url, progress)
+            return final
     dest_dir.mkdir(parents=True, exist_ok=True)
     scheme = urlsplit(url).scheme.lower() if "://" in url else ""
     if scheme in ("http", "https"):

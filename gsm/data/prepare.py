@@ -35,11 +35,11 @@ from typing import Any, Literal
 
 from gsm.configs import from_mapping
 from gsm.data.datasets import read_list
-from gsm.data.download import digest_record, fetch
+from gsm.data.download import check_source, digest_record, fetch
 from gsm.data.extract import UnreadableArchive, extract, extraction_record
 from gsm.data.lmdb_io import pack_lmdb
 from gsm.data.reds import REDS4, REDS_STRIP, VAL_OFFSET, regroup_reds, reds_partition
-from gsm.data.sources import Source
+from gsm.data.sources import Source, require_url
 from gsm.data.vid4 import LR_FOLDERS, check_vid4, find_lr, find_vid4
 from gsm.io import atomic_write_json, atomic_write_text
 
@@ -132,6 +132,11 @@ class DataConfig:
         return self.profile_dir / "source"
 
     @property
+    def downloads_dir(self) -> Path:
+        """Where the paper's archives are fetched to, by the pipeline and by `gsm download` alike."""
+        return self.source_dir / "downloads"
+
+    @property
     def lr_dir(self) -> Path:
         """Output of the degrade step: LR frames made here."""
         return self.profile_dir / "lr"
@@ -210,10 +215,38 @@ def _download_quickstart(cfg: DataConfig, progress: bool) -> dict[str, Any]:
     }  # fmt: skip
 
 
+# Leading folders of each paper archive above what is kept (gsm.data.extract's ``strip``).
+STRIP = {**REDS_STRIP, "vimeo_septuplet": 1, "vid4_gt": 0, "vid4_bix4": 0, "vid4_bdx4": 0}
+
+
+def _same_archive(rec: dict[str, Any], src: Source) -> bool:
+    """Whether an extraction record is of ``src``'s archive: by the checksums params set, else
+    (nothing known about the bytes) by URL."""
+    known = {k: getattr(src, k) for k in ("sha256", "md5", "size") if getattr(src, k) is not None}
+    if not (src.sha256 or src.md5) and rec.get("url") != src.url:
+        return False
+    return bool(rec.get("sha256")) and all(rec.get(k) == v for k, v in known.items())
+
+
+def _kept(src: Source, cfg: DataConfig, strip: int) -> Path | None:
+    """``raw/<source>`` when its archive was deleted after an extraction that records that archive:
+    the extraction is what the pipeline needs, so no download."""
+    dest = cfg.source_dir / "raw" / src.name
+    if (cfg.downloads_dir / src.filename).exists():
+        return None
+    rec = extraction_record(dest)
+    return dest if rec and rec.get("strip") == strip and _same_archive(rec, src) else None
+
+
 def _fetch_extract(src: Source, cfg: DataConfig, strip: int, progress: bool) -> Path:
     """``raw/<source>``, extracted from the archive now on disk: one extracted from another archive
     (by sha256) is extracted again; a broken archive is a one-line error naming the file."""
-    archive = fetch(src, cfg.source_dir / "downloads", retries=cfg.download_retries, progress=progress)
+    kept = _kept(src, cfg, strip)
+    if kept is not None:
+        log.info("%s: archive deleted, keeping %s (extracted from sha256 %s)", src.name, kept,
+                 (extraction_record(kept) or {}).get("sha256"))  # fmt: skip
+        return kept
+    archive = fetch(src, cfg.downloads_dir, retries=cfg.download_retries, progress=progress)
     rec = digest_record(archive, url=src.url, progress=progress)
     origin = {k: rec.get(k) for k in ("sha256", "md5", "size", "url")}
     try:
@@ -267,15 +300,29 @@ def _regroup(raw: dict[str, Path], train: str, val: str, out: Path, counts: dict
     return regroup_reds(raw[train], raw[val], out, origin=origin, **counts)
 
 
+def _check_sources(cfg: DataConfig, sources: dict[str, Source]) -> None:
+    """Every source's settings before the first byte: a null Vid4 URL must not surface after
+    hundreds of GB of REDS and Vimeo. The LR Vid4 sources are optional."""
+    for name, strip in STRIP.items():
+        src = sources[name]
+        if name in VID4_SOURCES[1:] and not src.url:
+            continue
+        require_url(src)
+        if not (cfg.downloads_dir / src.filename).exists() and _kept(src, cfg, strip) is None:
+            check_source(src)
+
+
 def _download_paper(cfg: DataConfig, sources: dict[str, Source], progress: bool) -> dict[str, Any]:
     """REDS, Vimeo-90K and Vid4 from their archives (downloads resume; finished ones are skipped)."""
+    _check_sources(cfg, sources)
     raw = {name: _fetch_extract(sources[name], cfg, strip, progress) for name, strip in REDS_STRIP.items()}
     reds_dir = cfg.source_dir / "REDS"
     counts = {"n_train": cfg.paper.reds_train_clips, "n_val": cfg.paper.reds_val_clips}
     clips = _regroup(raw, "reds_train_sharp", "reds_val_sharp", reds_dir / "GT", counts)
     _regroup(raw, "reds_train_sharp_bicubic", "reds_val_sharp_bicubic", reds_dir / "BIx4", counts)
     train, test = reds_partition(clips)
-    raw["vimeo_septuplet"] = vimeo_raw = _fetch_extract(sources["vimeo_septuplet"], cfg, 1, progress)
+    raw["vimeo_septuplet"] = vimeo_raw = _fetch_extract(sources["vimeo_septuplet"], cfg, STRIP["vimeo_septuplet"],
+                                                        progress)  # fmt: skip
     lists = {k: read_list(vimeo_raw / f"sep_{k}list.txt") for k in ("train", "test")}
     vid4 = _download_vid4(sources, cfg, progress)
     raw.update({name: cfg.source_dir / "raw" / name for name in VID4_SOURCES if sources[name].url})
