@@ -7,7 +7,8 @@ displacements to teach SpyNet the flows of this very footage in a few minutes on
 
 Targets are DIS flows between adjacent LR training frames, both directions, computed once. SpyNet
 learns them on random patches with the end-point error (EPE) at every pyramid level as loss. The held-out pairs are the
-test clips' adjacent LR frames: never trained on, scored before and after against DIS.
+validation clips' adjacent LR frames (the test clips' for data without them): never trained on,
+scored before and after against DIS.
 """
 
 from __future__ import annotations
@@ -75,13 +76,14 @@ def _train_pairs(manifest: dict[str, Any], max_pairs: int, seed: int) -> list[tu
 
 
 def _heldout_pairs(manifest: dict[str, Any]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Adjacent LR frames of the test clips (never distilled on) as uint8 RGB."""
+    """Adjacent LR frames of the validation clips (never distilled on; the test clips for data
+    without validation clips) as uint8 RGB. Recipe choices look at this score, so not at test."""
     out: list[tuple[np.ndarray, np.ndarray]] = []
     for kind in ("reds", "vimeo"):
         if not manifest.get(kind):
             continue
-        for test_set in eval_sets(manifest, kind):
-            ds = test_set.dataset
+        for held_out in eval_sets(manifest, kind, split="val"):
+            ds = held_out.dataset
             for i in range(len(ds.names)):
                 lq = (ds[i]["lq"].clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
                 out += [(lq[t], lq[t + 1]) for t in range(len(lq) - 1)]
