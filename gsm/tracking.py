@@ -34,6 +34,9 @@ from gsm.io import sha256_file
 
 EXPERIMENT = "gsm-vsr"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# The experiment tag MLflow 3's UI reads for an experiment's kind, and the value of classic training.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 GateMetric = Literal["psnr", "ssim", "psnr_gain", "ssim_gain"]  # all higher-is-better
 
@@ -177,19 +180,26 @@ def client_for(target: TrackingTarget) -> Any:
 
 
 def experiment_id(client: Any, target: TrackingTarget) -> str:
-    """The experiment's id, created (with the target's artifact location) when missing."""
+    """The experiment's id, created (with the target's artifact location) when missing.
+
+    A new experiment, and an existing one without a kind, is marked as model development
+    (`EXPERIMENT_KIND_TAG`): untagged, MLflow 3 treats it as a GenAI experiment (traces overview,
+    runs filed under "Evaluations", no metric columns). A kind someone chose is left alone.
+    """
     from mlflow.exceptions import MlflowException
 
     exp = client.get_experiment_by_name(target.experiment)
-    if exp is not None:
-        return str(exp.experiment_id)
-    try:
-        return str(client.create_experiment(target.experiment, artifact_location=target.artifact_location))
-    except MlflowException:  # another process created it first
-        exp = client.get_experiment_by_name(target.experiment)
-        if exp is None:
-            raise
-        return str(exp.experiment_id)
+    if exp is None:
+        try:
+            return str(client.create_experiment(target.experiment, artifact_location=target.artifact_location,
+                                                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}))  # fmt: skip
+        except MlflowException:  # another process created it first
+            exp = client.get_experiment_by_name(target.experiment)
+            if exp is None:
+                raise
+    if EXPERIMENT_KIND_TAG not in exp.tags:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return str(exp.experiment_id)
 
 
 # --- provenance ---
@@ -351,6 +361,8 @@ def first_line(exc: BaseException) -> str:
 __all__ = [
     "DEFAULT_TRACKING_URI",
     "EXPERIMENT",
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
     "MlflowConfig",
     "MlflowRun",
     "TrackingTarget",
