@@ -23,14 +23,17 @@ test: $(STAMP)
 # Main job: the DVC pipeline of params.yaml (quickstart data -> REDS-like training -> Vimeo-like
 # finetuning -> evaluation and reports, plus the model report), on CPU. Stages already up to date
 # are skipped and interrupted ones resume. DVC runs `gsm`, so the venv goes first on PATH.
+# `gsm pipeline-run` nests the MLflow runs of this one execution under one parent run.
 repro: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
+	  $(BIN)/gsm pipeline-run --name repro -- $(BIN)/dvc repro
 
 # The paper's numbers: REDS + Vimeo-90K + Vid4, the paper's network and recipe, on CUDA GPUs
 # (README "Reproducing the paper"). params.yaml becomes configs/paper.yaml; `git checkout
 # params.yaml` returns to the quickstart. Data and runs are per profile, so nothing is mixed.
 repro-paper: paper-params setup-cuda
-	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
+	  $(BIN)/gsm pipeline-run --name repro-paper -- $(BIN)/dvc repro
 
 # The switch refuses (no backup is kept) when params.yaml holds uncommitted edits that
 # configs/paper.yaml would overwrite; already the paper profile, it is a no-op. Put paper edits
@@ -63,7 +66,7 @@ ablations: $(STAMP)
 	set -e; for a in $(ABLATIONS); do \
 	  git checkout -- params.yaml dvc.lock; \
 	  PATH="$(CURDIR)/$(BIN):$$PATH" DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true \
-	    $(BIN)/dvc exp run -n "$${a%%=*}" -S "$${a#*=}"; \
+	    $(BIN)/gsm pipeline-run --name "$${a%%=*}" -- $(BIN)/dvc exp run -n "$${a%%=*}" -S "$${a#*=}"; \
 	done
 	git checkout -- params.yaml dvc.lock && $(BIN)/dvc checkout --quiet || true
 	$(BIN)/dvc exp show --no-pager --only-changed --md --drop 'Created|State|Executor|sha256|checkpoint'

@@ -163,6 +163,41 @@ def _load(params: Path) -> Any:
     return load_params(params)
 
 
+@app.command("pipeline-run")
+@one_line_errors
+def pipeline_run_cmd(
+    command: list[str] = typer.Argument(..., help="the command, after `--` (dvc repro, dvc exp run ...)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file: its `mlflow` section (the store)"),
+    name: str = typer.Option("pipeline", help="the parent run's name"),
+) -> None:
+    """Run COMMAND as one pipeline execution: the MLflow runs of its stages nest under one parent run
+    (its id in $GSM_PARENT_RUN_ID). The store is the stages': $MLFLOW_TRACKING_URI, else the params'.
+    Exits with COMMAND's status."""
+    import sys
+
+    from gsm.tracking import PARENT_RUN_ENV, pipeline_run, tracking_target
+
+    target = tracking_target(_load(params).mlflow)
+    with pipeline_run(target, name, {"command": " ".join(command)}) as parent:
+        env = {**os.environ, **({PARENT_RUN_ENV: parent} if parent else {})}
+        status = _wait(command, env)
+        if status:
+            sys.exit(status)  # SystemExit: not an error of gsm's to reword; the parent run ends FAILED
+
+
+def _wait(command: list[str], env: dict[str, str]) -> int:
+    """COMMAND's exit status. Ctrl-C reaches it too (one process group), so it is waited for, not
+    killed: DVC releases its lock and keeps the stages it finished on the way out."""
+    import subprocess
+
+    with subprocess.Popen(command, env=env) as proc:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            proc.wait()
+            raise
+
+
 @app.command()
 @one_line_errors
 def prepare(

@@ -60,7 +60,7 @@ def flow_init(p: Params, runs: Path, reports: Path, *, progress: bool = True) ->
 
 def train(
     p: Params, stage: Stage, runs: Path, *, init_from: Path | None = None, restart_on_change: bool = False,
-    progress: bool = True, tracking_uri: str | None = None,
+    progress: bool = True, tracking_uri: str | None = None, parent_run_id: str | None = None,
 ) -> TrainResult:
     """Train (or resume, or skip when finished) one stage on the prepared data of `p.data.profile`.
 
@@ -74,12 +74,13 @@ def train(
     `val_every` > `iters` skips it.
 
     MLflow: `tracking_uri` > $MLFLOW_TRACKING_URI > `mlflow.tracking_uri` (null: off); the run
-    gets the data profile as params and the whole params as a params.yaml artifact.
+    gets the data profile as params and the whole params as a params.yaml artifact, and nests under
+    `parent_run_id` (else $GSM_PARENT_RUN_ID): the pipeline execution it belongs to.
     """
     manifest = read_manifest(p.data)
     cfg = p.train.stage(stage)
     dataset, validate = train_inputs(p, manifest, stage)
-    tracking = tracking_target(p.mlflow, tracking_uri)
+    tracking = tracking_target(p.mlflow, tracking_uri, parent_run_id)
     with mlflow_errors(tracking.uri if tracking else None):
         return train_stage(
             stage, cfg, p.model, dataset, Path(runs) / stage, seed=p.train.seed, validate=validate,
@@ -133,14 +134,14 @@ def final_checkpoint(runs: Path) -> Path:
 
 def evaluate(
     p: Params, checkpoint: Path | None, runs: Path, out: Path, *, progress: bool = True,
-    tracking_uri: str | None = None,
+    tracking_uri: str | None = None, parent_run_id: str | None = None,
 ) -> dict[str, TestResult]:
     """Score a checkpoint (default: the final stage's) on every benchmark the data has; write reports/.
 
     metrics.json records the checkpoint's serving digest (gsm.train.checkpoint.serving_digest), so
     `register` can tell which weights it scores.
     With tracking on (as for `train`), one MLflow run "evaluate" logs the eval params, each test
-    set's scores and the reports as artifacts.
+    set's scores and the reports as artifacts (nested as `train`'s).
     """
     from gsm.eval.stage import run_evaluation
     from gsm.train.checkpoint import load_model, serving_digest
@@ -153,7 +154,7 @@ def evaluate(
     info = {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": p.data.profile}
     results = run_evaluation(model, sets, p.eval, out, train_logs=logs, info=info, progress=progress,
                              baselines=read_baselines(Path(out) / "baselines.json", manifest))
-    target = tracking_target(p.mlflow, tracking_uri)
+    target = tracking_target(p.mlflow, tracking_uri, parent_run_id)
     if target is not None:
         with mlflow_errors(target.uri):
             _log_evaluation(target, p, info, Path(out))
@@ -192,7 +193,7 @@ def _log_evaluation(target: TrackingTarget, p: Params, info: dict[str, str], out
 
 def register(
     p: Params, runs: Path, reports: Path, *, checkpoint: Path | None = None, progress: bool = True,
-    tracking_uri: str | None = None,
+    tracking_uri: str | None = None, parent_run_id: str | None = None,
 ) -> RegisterResult:
     """Register the evaluated checkpoint (default: the final stage's) as a version of `mlflow.model_name`.
 
@@ -200,12 +201,13 @@ def register(
     only when its `mlflow.gate_metric` on `mlflow.gate_set` beats the champion's by more than
     `mlflow.gate_tolerance`, else it is `challenger` (gsm.registry.register). Writes
     reports/registry.json. Needs a store: `tracking_uri` > $MLFLOW_TRACKING_URI > `mlflow.tracking_uri`.
+    The register run nests as `train`'s.
     """
     import json
 
     from gsm.registry.register import register_checkpoint
 
-    target = _store(p, tracking_uri)
+    target = _store(p, tracking_uri, parent_run_id)
     metrics_path = Path(reports) / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"{metrics_path} not found: run `gsm evaluate` first")
@@ -229,8 +231,8 @@ def champion_checkpoint(p: Params, dest: Path, *, progress: bool = True, trackin
         return download_champion(p.mlflow, target, Path(dest), progress=progress)
 
 
-def _store(p: Params, tracking_uri: str | None) -> TrackingTarget:
-    target = tracking_target(p.mlflow, tracking_uri)
+def _store(p: Params, tracking_uri: str | None, parent_run_id: str | None = None) -> TrackingTarget:
+    target = tracking_target(p.mlflow, tracking_uri, parent_run_id)
     if target is None:
         raise ValueError("the model registry needs an MLflow store: mlflow.tracking_uri is null and "
                          "$MLFLOW_TRACKING_URI is not set")  # fmt: skip

@@ -11,6 +11,7 @@ that scored it and the registered model version all point at the same store and 
   sha256 of dvc.lock, the pipeline state a run started from.
 * `MlflowRun` is one run driven through `MlflowClient`, never the process-global active run, so
   stages (and Prefect tasks) cannot leak runs into each other.
+* `pipeline_run` is the parent run of one pipeline execution; the stages' runs nest under it.
 
 MLflow is imported lazily: commands that track nothing do not pay its import time.
 """
@@ -37,6 +38,8 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # The experiment tag MLflow 3's UI reads for an experiment's kind, and the value of classic training.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+PARENT_RUN_ENV = "GSM_PARENT_RUN_ID"  # the running pipeline's run: new runs nest under it
+PARENT_TAG = "mlflow.parentRunId"  # the run tag MLflow nests runs by
 
 GateMetric = Literal["psnr", "ssim", "psnr_gain", "ssim_gain"]  # all higher-is-better
 
@@ -91,6 +94,7 @@ class TrackingTarget:
     uri: str
     experiment: str = EXPERIMENT
     artifact_location: str | None = None  # None: the store's default
+    parent_run_id: str | None = None  # the pipeline execution's run (`pipeline_run`); None: top level
 
     @classmethod
     def from_uri(cls, uri: str) -> TrackingTarget:
@@ -120,11 +124,14 @@ def _has_scheme(text: str) -> bool:
     return re.match(r"^[A-Za-z][A-Za-z0-9+.-]+:", text) is not None
 
 
-def tracking_target(cfg: MlflowConfig, uri: str | None = None) -> TrackingTarget | None:
+def tracking_target(
+    cfg: MlflowConfig, uri: str | None = None, parent_run_id: str | None = None
+) -> TrackingTarget | None:
     """The store runs go to: `uri` (a command-line option) > $MLFLOW_TRACKING_URI > cfg.tracking_uri.
 
     None when all three are unset (tracking off). A relative sqlite path becomes absolute, so every
     process and the artifact location agree on one file whatever their working directory.
+    Runs nest under `parent_run_id`, else $GSM_PARENT_RUN_ID (see `pipeline_run`), else nothing.
     """
     chosen = tracking_uri_from_env(uri) or cfg.tracking_uri
     if chosen is None:
@@ -140,7 +147,8 @@ def tracking_target(cfg: MlflowConfig, uri: str | None = None) -> TrackingTarget
     elif db is not None:  # a path: beside the database (a server picks its own artifact store)
         root = Path(cfg.artifact_root).expanduser()
         artifacts = (root if root.is_absolute() else db.parent / root).absolute().as_uri()
-    return TrackingTarget(chosen, cfg.experiment, artifacts)
+    parent = parent_run_id or os.environ.get(PARENT_RUN_ENV) or None
+    return TrackingTarget(chosen, cfg.experiment, artifacts, parent)
 
 
 @contextmanager
@@ -259,7 +267,8 @@ class MlflowRun:
 
     `run_id` from a checkpoint resumes that run; a run id the store does not know starts a new one.
     Metrics are buffered and sent in batches by `flush`. A new run gets `params` and `tags`, plus
-    the provenance tags and a `stage` tag naming it.
+    the provenance tags and a `stage` tag naming it. With a parent in the target, the run (a
+    resumed one too: the execution finishing it is the one that shows it) nests under it.
     """
 
     def __init__(
@@ -272,17 +281,21 @@ class MlflowRun:
         self.target = target if isinstance(target, TrackingTarget) else TrackingTarget.from_uri(target)
         self.client = client_for(self.target)
         self._pending: list[Any] = []
+        resumed = None
         if run_id is not None:
             try:
-                self.client.get_run(run_id)
+                resumed = self.client.get_run(run_id)
             except MlflowException:
-                run_id = None
-        if run_id is not None:
-            self.run_id = run_id
-            self.client.update_run(run_id, status="RUNNING")
+                pass
+        if resumed is not None:
+            self.run_id = resumed.info.run_id
+            self.client.update_run(self.run_id, status="RUNNING")
+            for key, value in parent_tag(self.client, self.target, resumed.info.experiment_id).items():
+                self.client.set_tag(self.run_id, key, value)
             return
         exp_id = experiment_id(self.client, self.target)
-        all_tags = {"stage": name, **provenance_tags(), **dict(tags or {})}
+        all_tags = {"stage": name, **provenance_tags(), **dict(tags or {}),
+                    **parent_tag(self.client, self.target, exp_id)}  # fmt: skip
         run = self.client.create_run(exp_id, run_name=name, tags=all_tags)
         self.run_id = run.info.run_id
         items = [Param(k, v) for k, v in sorted(params.items())]
@@ -328,6 +341,70 @@ class MlflowRun:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def parent_tag(client: Any, target: TrackingTarget, exp_id: str) -> dict[str, str]:
+    """The tag nesting a run of experiment `exp_id` under the target's parent ({} without one).
+
+    The parent must be a running run of the same experiment: the UI nests runs only within one, and a
+    finished parent is a stale $GSM_PARENT_RUN_ID left from an earlier execution.
+    """
+    from mlflow.exceptions import MlflowException
+
+    parent = target.parent_run_id
+    if parent is None:
+        return {}
+    try:
+        info = client.get_run(parent).info
+    except MlflowException:
+        info = None
+    if info is None or info.experiment_id != exp_id or info.status != "RUNNING":
+        why = "not a run of this store" if info is None else (
+            f"in another experiment than {target.experiment!r}" if info.experiment_id != exp_id else info.status)
+        raise RuntimeError(f"parent run {parent} (${PARENT_RUN_ENV} or the flow's) is {why}: unset "
+                           f"{PARENT_RUN_ENV}, or run the pipeline as `gsm pipeline-run -- dvc repro`")  # fmt: skip
+    return {PARENT_TAG: parent}
+
+
+@contextmanager
+def pipeline_run(
+    target: TrackingTarget | None, name: str, tags: Mapping[str, str] | None = None
+) -> Iterator[str | None]:
+    """The parent run of one pipeline execution, RUNNING while the block runs; yields its id (None:
+    tracking off). The caller hands the id on: a Prefect flow to its stage tasks, `gsm pipeline-run`
+    to the command it wraps as $GSM_PARENT_RUN_ID.
+
+    Why a run opened by whoever starts the execution, handed down: `dvc repro` runs each stage in its
+    own process and gives them no common id, and neither the params nor dvc.lock (rewritten after
+    every stage) nor the commit tell one execution from the next (`dvc repro -f`, a resumed run).
+    An environment variable crosses DVC's processes unchanged, and the flows pass the same id as an
+    argument. The run ends FINISHED, FAILED on an exception, KILLED on Ctrl-C; it is deleted when no
+    run nested under it (every stage was up to date), so a no-op `make repro` leaves nothing behind.
+    """
+    if target is None:
+        yield None
+        return
+    with mlflow_errors(target.uri):
+        run = MlflowRun(target, name, {}, tags={"pipeline": name, **dict(tags or {})})
+    status = "FAILED"
+    try:
+        yield run.run_id
+        status = "FINISHED"
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    finally:
+        with mlflow_errors(target.uri):
+            run.close(status)
+            if not child_runs(run.client, run.run_id):
+                run.client.delete_run(run.run_id)
+
+
+def child_runs(client: Any, run_id: str) -> list[Any]:
+    """The runs nested directly under `run_id`, oldest first."""
+    exp_id = client.get_run(run_id).info.experiment_id
+    return client.search_runs([exp_id], filter_string=f"tags.`{PARENT_TAG}` = '{run_id}'",
+                              order_by=["attributes.start_time ASC"])  # fmt: skip
+
+
 def log_finished_run(
     target: TrackingTarget, name: str, *, params: Mapping[str, str], metrics: Mapping[str, float],
     artifacts: tuple[Path, ...] = (), tags: Mapping[str, str] | None = None,
@@ -363,9 +440,12 @@ __all__ = [
     "EXPERIMENT",
     "EXPERIMENT_KIND",
     "EXPERIMENT_KIND_TAG",
+    "PARENT_RUN_ENV",
+    "PARENT_TAG",
     "MlflowConfig",
     "MlflowRun",
     "TrackingTarget",
+    "child_runs",
     "client_for",
     "dvc_lock_sha256",
     "experiment_id",
@@ -375,6 +455,8 @@ __all__ = [
     "log_finished_run",
     "mlflow_errors",
     "mlflow_uris",
+    "parent_tag",
+    "pipeline_run",
     "provenance_tags",
     "sha256_file",
     "sqlite_path",

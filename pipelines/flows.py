@@ -8,6 +8,9 @@
   `train.vimeo` recipe into a new `<runs>/retrain/<run>/`, evaluate it there, register it (the
   registry decides champion or challenger).
 
+Each flow run opens one MLflow parent run (gsm.tracking.pipeline_run, named after the flow) and
+hands its id to the training, evaluation and registration tasks, whose runs nest under it.
+
 By hand: `python -m pipelines.flows pipeline --params params.yaml` (or `retrain`). Without
 PREFECT_API_URL, Prefect runs them in its ephemeral mode (a temporary local API, SQLite in
 PREFECT_HOME); cached results live in PREFECT_HOME/storage.
@@ -27,6 +30,7 @@ from prefect.runtime import flow_run
 
 from gsm import stages
 from gsm.params import Params, load_params
+from gsm.tracking import pipeline_run, tracking_target
 from pipelines.cache import StageCache, missing_outputs
 
 # One-line wrappers: the stage functions do the work (and resume); tasks add retries and caching.
@@ -55,19 +59,21 @@ def flow_init(p: Params, runs: Path, reports: Path, progress: bool = False) -> A
 
 @task(name="train", task_run_name="train-{stage}", cache_policy=StageCache(stage="train"))
 def train(p: Params, stage: str, runs: Path, init_from: Path | None = None, restart_on_change: bool = False,
-          progress: bool = False) -> Any:  # fmt: skip
+          progress: bool = False, parent_run_id: str | None = None) -> Any:  # fmt: skip
     return stages.train(p, stage, runs, init_from=init_from,  # type: ignore[arg-type]
-                        restart_on_change=restart_on_change, progress=progress)
+                        restart_on_change=restart_on_change, progress=progress, parent_run_id=parent_run_id)
 
 
 @task(name="evaluate", cache_policy=StageCache(stage="evaluate"))
-def evaluate(p: Params, checkpoint: Path | None, runs: Path, out: Path, progress: bool = False) -> Any:
-    return stages.evaluate(p, checkpoint, runs, out, progress=progress)
+def evaluate(p: Params, checkpoint: Path | None, runs: Path, out: Path, progress: bool = False,
+             parent_run_id: str | None = None) -> Any:  # fmt: skip
+    return stages.evaluate(p, checkpoint, runs, out, progress=progress, parent_run_id=parent_run_id)
 
 
 @task(name="register", cache_policy=StageCache(stage="register"))
-def register(p: Params, runs: Path, reports: Path, checkpoint: Path | None = None, progress: bool = False) -> Any:
-    return stages.register(p, runs, reports, checkpoint=checkpoint, progress=progress)
+def register(p: Params, runs: Path, reports: Path, checkpoint: Path | None = None, progress: bool = False,
+             parent_run_id: str | None = None) -> Any:  # fmt: skip
+    return stages.register(p, runs, reports, checkpoint=checkpoint, progress=progress, parent_run_id=parent_run_id)
 
 
 @task(name="champion-checkpoint", cache_policy=NO_CACHE)
@@ -115,14 +121,21 @@ def pipeline(params: str = "params.yaml", runs: str | None = None, reports: str 
     """The whole chain on `params`; runs in `runs` (default runs/<profile>), reports in `reports`."""
     p = load_params(params)
     runs_dir, reports_dir = default_runs(p, runs), Path(reports)
-    manifest = prepare(p, progress)
-    run_stage(flow_init, p, runs=runs_dir, reports=reports_dir, progress=progress)
-    # As DVC does (`--restart-on-change`): a stage rerun because its params changed starts over.
-    reds = run_stage(train, p, stage="reds", runs=runs_dir, restart_on_change=True, progress=progress)
-    vimeo = run_stage(train, p, stage="vimeo", runs=runs_dir, restart_on_change=True, progress=progress)
-    scores = run_stage(evaluate, p, checkpoint=vimeo.last, runs=runs_dir, out=reports_dir, progress=progress)
-    registered = run_stage(register, p, runs=runs_dir, reports=reports_dir, checkpoint=vimeo.last, progress=progress)
+    with pipeline_run(tracking_target(p.mlflow), "gsm-pipeline", _flow_tags()) as parent:
+        manifest = prepare(p, progress)
+        run_stage(flow_init, p, runs=runs_dir, reports=reports_dir, progress=progress)
+        # As DVC does (`--restart-on-change`): a stage rerun because its params changed starts over.
+        tracked = dict(progress=progress, parent_run_id=parent)
+        reds = run_stage(train, p, stage="reds", runs=runs_dir, restart_on_change=True, **tracked)
+        vimeo = run_stage(train, p, stage="vimeo", runs=runs_dir, restart_on_change=True, **tracked)
+        scores = run_stage(evaluate, p, checkpoint=vimeo.last, runs=runs_dir, out=reports_dir, **tracked)
+        registered = run_stage(register, p, runs=runs_dir, reports=reports_dir, checkpoint=vimeo.last, **tracked)
     return {"manifest": manifest, "reds": reds, "vimeo": vimeo, "scores": scores, "registered": registered}
+
+
+def _flow_tags() -> dict[str, str]:
+    """The parent run's link back to the Prefect flow run (absent outside one)."""
+    return {"prefect_flow_run_id": str(flow_run.id)} if flow_run.id else {}
 
 
 def run_name() -> str:
@@ -140,13 +153,14 @@ def retrain(params: str = "params.yaml", runs: str | None = None, progress: bool
     """
     p = load_params(params)
     run_dir = default_runs(p, runs) / "retrain" / run_name()
-    prepare(p, progress)
-    champion = retried(champion_checkpoint, p)(p, run_dir / "champion.pt")  # a download too
-    tuned = run_stage(train, p, cache=False, stage="vimeo", runs=run_dir, init_from=champion, progress=progress)
-    reports = run_dir / "reports"
-    scores = run_stage(evaluate, p, cache=False, checkpoint=tuned.last, runs=run_dir, out=reports, progress=progress)
-    registered = run_stage(register, p, cache=False, runs=run_dir, reports=reports, checkpoint=tuned.last,
-                           progress=progress)  # fmt: skip
+    with pipeline_run(tracking_target(p.mlflow), "retrain", _flow_tags()) as parent:
+        prepare(p, progress)
+        champion = retried(champion_checkpoint, p)(p, run_dir / "champion.pt")  # a download too
+        tracked = dict(cache=False, progress=progress, parent_run_id=parent)
+        tuned = run_stage(train, p, stage="vimeo", runs=run_dir, init_from=champion, **tracked)
+        reports = run_dir / "reports"
+        scores = run_stage(evaluate, p, checkpoint=tuned.last, runs=run_dir, out=reports, **tracked)
+        registered = run_stage(register, p, runs=run_dir, reports=reports, checkpoint=tuned.last, **tracked)
     return {"run_dir": run_dir, "champion": champion, "vimeo": tuned, "scores": scores, "registered": registered}
 
 

@@ -60,15 +60,16 @@ def tiny_params(tmp_path: Path) -> Path:
 def hermetic_mlflow() -> Iterator[None]:
     """No test logs to the developer's MLflow server or into the repository's embedded store.
 
-    $MLFLOW_TRACKING_URI (which wins over params) is unset for the session, subprocesses included;
-    tests that track point `mlflow.tracking_uri` into tmp_path. The session fails if mlflow.db,
+    $MLFLOW_TRACKING_URI (which wins over params) and $GSM_PARENT_RUN_ID (a developer's running
+    pipeline) are unset for the session, subprocesses included; tests that track point
+    `mlflow.tracking_uri` into tmp_path. The session fails if mlflow.db,
     mlartifacts/ or mlruns/ appeared in the repository anyway (the params default is relative to
     the working directory).
     """
     stores = [REPO / name for name in ("mlflow.db", "mlartifacts", "mlruns")]
     before = {path for path in stores if path.exists()}
     with pytest.MonkeyPatch.context() as mp:
-        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "GSM_PARENT_RUN_ID"):
             mp.delenv(name, raising=False)
         mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         yield

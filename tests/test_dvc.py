@@ -118,6 +118,32 @@ def test_param_changes_rerun_exactly_downstream(project: Project) -> None:
     assert project.repro() == ["register"]
 
 
+def _repro_parents(root: Path) -> list[tuple[str, list[str]]]:
+    """Each `repro` parent run in the project's store (oldest first), with the names of its runs."""
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("gsm-vsr")
+    runs = client.search_runs([exp.experiment_id], order_by=["attributes.start_time ASC"]) if exp else []
+    return [(p.info.run_id, [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id])
+            for p in runs if p.info.run_name == "repro"]  # fmt: skip
+
+
+def test_pipeline_run_nests_each_repro_under_its_own_parent(project: Project) -> None:
+    """`gsm pipeline-run -- dvc repro`, as `make repro` runs it: the runs of the stages, each made by
+    its own process, nest under one parent per execution; an execution with nothing to do leaves none."""
+    before = len(_repro_parents(project.root))
+    for lr in (3.1e-4, 2.9e-4):  # other weights each time: a new version, so a register run too
+        project.set_param("train.vimeo.lr", lr)
+        project.run("gsm", "pipeline-run", "--name", "repro", "--", "dvc", "repro")
+    project.run("gsm", "pipeline-run", "--name", "repro", "--", "dvc", "repro")  # up to date
+    parents = _repro_parents(project.root)[before:]
+    assert len(parents) == 2 and parents[0][0] != parents[1][0]
+    assert {"vimeo", "evaluate", "register"} <= set(parents[0][1])  # everything when run alone
+    assert parents[1][1] == ["vimeo", "evaluate", "register"]
+
+
 def test_metrics_plots_and_experiments(project: Project) -> None:
     project.repro()
     project.run("git", "add", "-A")

@@ -285,6 +285,32 @@ def test_pipeline_runs_every_stage_then_caches_all(project: Project) -> None:
     assert set(second["scores"]) == set(first["scores"]) == {"quickstart-REDS", "quickstart-Vimeo"}
 
 
+def _nested(project: Project) -> dict[str, list[str]]:
+    """Each `gsm-pipeline` parent run (oldest first) and the names of the runs nested under it."""
+    from mlflow import MlflowClient
+
+    uri = project.p.mlflow.tracking_uri
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    exp = client.get_experiment_by_name("flows-test").experiment_id
+    runs = client.search_runs([exp], order_by=["attributes.start_time ASC"])
+    parents = [r.info.run_id for r in runs if r.info.run_name == "gsm-pipeline"]
+    return {pid: [r.info.run_name for r in runs if r.data.tags.get("mlflow.parentRunId") == pid] for pid in parents}
+
+
+def test_each_flow_run_nests_its_mlflow_runs_under_one_parent(project: Project) -> None:
+    """The first flow run's runs under one parent; the second, all cached, leaves none; a third that
+    reruns the evaluation nests it under a parent of its own."""
+    from pipelines.flows import pipeline
+
+    nested = _nested(project)
+    assert list(nested.values()) == [["reds", "vimeo", "evaluate", "register"]]
+    (project.reports / "metrics.json").unlink()
+    pipeline(params=str(project.params), runs=str(project.runs), reports=str(project.reports))
+    first, *later = _nested(project).items()
+    assert first[0] == list(nested)[0] and len(later) == 1
+    assert later[0][1][0] == "evaluate" and set(later[0][1]) <= {"evaluate", "register"}  # register: cached
+
+
 def test_deleted_output_reruns_its_stage(project: Project) -> None:
     from pipelines.flows import pipeline
 
