@@ -201,7 +201,7 @@ def register(
     only when its `mlflow.gate_metric` on `mlflow.gate_set` beats the champion's by more than
     `mlflow.gate_tolerance`, else it is `challenger` (gsm.registry.register). Writes
     reports/registry.json. Needs a store: `tracking_uri` > $MLFLOW_TRACKING_URI > `mlflow.tracking_uri`.
-    The register run nests as `train`'s.
+    The register run nests as `train`'s. A new version's description is its model card (gsm.registry.card).
     """
     import json
 
@@ -216,9 +216,34 @@ def register(
     if scored_profile not in (None, p.data.profile):
         raise ValueError(f"{metrics_path} scores profile {scored_profile!r}, params say {p.data.profile!r}")
     ckpt = checkpoint or final_checkpoint(runs)
+    card = model_card_of(p, Path(ckpt), metrics, Path(reports))
     with mlflow_errors(target.uri):
         return register_checkpoint(p.mlflow, target, Path(ckpt), metrics, profile=p.data.profile,
-                                   report=Path(reports) / "registry.json", progress=progress)  # fmt: skip
+                                   report=Path(reports) / "registry.json", progress=progress,
+                                   description=card)  # fmt: skip
+
+
+def model_card_of(p: Params, checkpoint: Path, metrics: dict[str, Any], reports: Path) -> str:
+    """The model card of `checkpoint`, scored in `metrics` (reports/metrics.json) in `reports`."""
+    from gsm.registry.card import CardFacts, model_card
+    from gsm.tracking import provenance_tags
+    from gsm.train.checkpoint import load_checkpoint
+
+    state = load_checkpoint(checkpoint)
+    state = {k: state.get(k) for k in ("config", "stage", "iter", "train_config")}
+    facts = CardFacts(p, metrics, state, provenance_tags(), scoring_protocols(p), reports,
+                      str(resolve_device(p.eval.device, "eval.device")))  # fmt: skip
+    return model_card(facts)
+
+
+def scoring_protocols(p: Params) -> dict[str, str]:
+    """Each test set's scoring protocol, from the data manifest ({} when the data is not here)."""
+    try:
+        manifest = read_manifest(p.data)
+        return {s.name: s.protocol for kind in ("reds", "vimeo", "vid4") if manifest.get(kind)
+                for s in eval_sets(manifest, kind)}  # fmt: skip
+    except (FileNotFoundError, ValueError, KeyError):
+        return {}
 
 
 def champion_checkpoint(p: Params, dest: Path, *, progress: bool = True, tracking_uri: str | None = None) -> Path:

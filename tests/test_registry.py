@@ -9,6 +9,7 @@ one-line errors.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import socket
@@ -30,7 +31,7 @@ from typer.testing import CliRunner
 
 from gsm import stages
 from gsm.cli import app
-from gsm.params import Params, load_params
+from gsm.params import Params, load_params, params_yaml
 from gsm.registry.pyfunc import PredictSettings, check_frames, predict_frames
 from gsm.registry.register import Champion, gate
 from gsm.tracking import MlflowConfig, mlflow_uris, sha256_file, tracking_target
@@ -216,6 +217,41 @@ def test_register_gates_the_champion_both_ways(project: Project) -> None:
     # metrics.json must score the checkpoint being registered.
     with pytest.raises(ValueError, match="run `gsm evaluate --model"):
         stages.register(p, project.runs, registered[0][1], checkpoint=registered[1][0], progress=False)
+
+
+def test_a_new_version_s_description_is_its_model_card(project: Project) -> None:
+    p = project.load(model_name="carded")
+    ckpt, reports = _variant(project, "carded", 6)
+    _scores(reports, ckpt, 31.25)
+    (reports / "runtime.json").write_text(json.dumps({"quickstart-REDS": {"seconds_per_frame": 0.125}}))
+    network = load_checkpoint(ckpt)["config"]
+    gpu = {"environment": {"config": {**network, "scan_impl": "cuda"}, "gpu": "NVIDIA H200",
+                           "infer_shape": [10, 180, 320], "date": "2026-11-30T01:49:29+00:00"},
+           "sections": {"inference_bf16": {"status": "ok", "ms_per_frame": 42.0}}}  # fmt: skip
+    (reports / "gpu_runtime.json").write_text(json.dumps(gpu))
+    r = stages.register(p, project.runs, reports, checkpoint=ckpt, progress=False)
+    card = _client(project.uri).get_model_version("carded", str(r.version)).description
+    head = "| test set | protocol | clips | frames | PSNR (dB) | SSIM | bicubic PSNR | bicubic SSIM | gain (dB) |"
+    assert head in card
+    assert "| quickstart-REDS | vid4 (Y, every frame) | - | - | 31.25 | 0.8000 | 29.00 | - | +2.25 |" in card
+    assert "| quickstart-Vimeo | vimeo (Y, centre frame) |" in card
+    assert "**Intended use:** a demonstration" in card and "- data profile: `quickstart`" in card
+    assert f"stage `{load_checkpoint(ckpt)['stage']}`" in card
+    head_commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert f"- git commit: `{head_commit}`" in card
+    assert f"- params sha256: `{hashlib.sha256(params_yaml(p).encode()).hexdigest()}`" in card
+    assert f"- checkpoint serving digest: `{serving_digest(ckpt)}`" in card
+    assert "- CPU: quickstart-REDS 0.125 s / frame (`gsm evaluate` on cpu" in card
+    assert "- GPU: bf16 42 ms / frame at 10x180x320 (T x H x W LR) on NVIDIA H200, 2026-11-30" in card
+
+    # Timings of another network are not this one's.
+    ckpt2, reports2 = _variant(project, "carded-2", 7)
+    _scores(reports2, ckpt2, 31.5)
+    other = {**gpu, "environment": {**gpu["environment"], "config": {**network, "embed_dim": 192}}}
+    (reports2 / "gpu_runtime.json").write_text(json.dumps(other))
+    r2 = stages.register(p, project.runs, reports2, checkpoint=ckpt2, progress=False)
+    card2 = _client(project.uri).get_model_version("carded", str(r2.version)).description
+    assert "- CPU: not measured\n- GPU: not measured (gpu_runtime.json timed another network)" in card2
 
 
 def _clip(t: int = 5, h: int = 12, w: int = 16) -> np.ndarray:

@@ -8,7 +8,8 @@ not comparable: a champion whose `profile` tag differs (quickstart vs paper) or 
 on the gate set keeps its alias and the new version is a challenger. The first version is champion.
 
 Every version carries tags: profile, datasets (the test sets scored), one `metric.<set>.<name>` per
-score, git commit and dirty flag, dvc.lock's sha256, the checkpoint's path and sha256. Registering a
+score, git commit and dirty flag, dvc.lock's sha256, the checkpoint's path and sha256; its description
+is a model card (gsm.registry.card: data, test sets, scores beside bicubic, speed). Registering a
 checkpoint already registered with the same scores adds no version (DVC and Prefect reruns are
 idempotent). reports/registry.json, written atomically, records the outcome: the DVC stage's metrics.
 """
@@ -190,11 +191,12 @@ def _artifact_progress(progress: bool) -> Iterator[None]:
 
 def register_checkpoint(
     cfg: MlflowConfig, target: TrackingTarget, checkpoint: Path, metrics: Mapping[str, Any], *, profile: str,
-    report: Path, progress: bool = True,
+    report: Path, progress: bool = True, description: str | None = None,
 ) -> RegisterResult:
     """Log `checkpoint` as a pyfunc in a `register` run, register it under cfg.model_name, gate the alias.
 
-    `metrics` is reports/metrics.json's content for this checkpoint (see `check_scored`).
+    `metrics` is reports/metrics.json's content for this checkpoint (see `check_scored`);
+    `description` (markdown: the model card) becomes a new version's description.
     """
     import mlflow
 
@@ -241,6 +243,8 @@ def register_checkpoint(
                 weights_sha = sha256_file(Path(tmp) / f"{WEIGHTS}.pt")  # the file inside the model
                 mv = mlflow.register_model(info.model_uri, name, tags={**tags, "weights_sha256": weights_sha,
                                                                        "decision": decision.reason})
+            if description:
+                client.update_model_version(name, mv.version, description=description)
             client.set_registered_model_alias(name, decision.alias, mv.version)
             status = "FINISHED"
         finally:
