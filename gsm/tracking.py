@@ -7,7 +7,7 @@ that scored it and the registered model version all point at the same store and 
   the project (`sqlite:///mlflow.db`, artifacts in `mlartifacts/` beside it, both relative to the
   working directory, which is the project root under DVC); `$MLFLOW_TRACKING_URI` wins over it,
   an explicit `--tracking-uri` over both, and `tracking_uri: null` turns tracking off.
-* `provenance_tags` records the git commit (and whether the tree had uncommitted changes) and the
+* `provenance_tags` records the git commit (and whether the code or params differ from it) and the
   sha256 of dvc.lock, the pipeline state a run started from.
 * `MlflowRun` is one run driven through `MlflowClient`, never the process-global active run, so
   stages (and Prefect tasks) cannot leak runs into each other.
@@ -229,10 +229,64 @@ def git_commit(root: str | Path = ".") -> str | None:
     return _git(Path(root), "rev-parse", "HEAD") or None
 
 
+GENERATED = ("reports", "dvc.lock")  # results and DVC's record of them, rewritten by every `make repro`
+
+
 def git_dirty(root: str | Path = ".") -> bool | None:
-    """Whether tracked files differ from HEAD (the commit alone would not reproduce the run)."""
-    status = _git(Path(root), "status", "--porcelain", "--untracked-files=no")
-    return None if status is None else bool(status)
+    """Whether the code or params differ from HEAD (the commit alone would not reproduce the run).
+
+    Changed tracked files count unless the pipeline writes them: reports/, dvc.lock, what dvc.yaml
+    declares as outs, metrics or plots, and the .gitignore DVC keeps beside an out. A run rewrites
+    those itself, so counting them would mark every run after the first `make repro` dirty.
+    None outside git.
+    """
+    root = Path(root)
+    changed = _git(root, "-c", "core.quotepath=off", "diff", "--name-only", "--no-renames", "HEAD", "--")
+    prefix = _git(root, "rev-parse", "--show-prefix")  # the project's folder in the repository
+    if changed is None or prefix is None:
+        return None
+    outs = dvc_outputs(root)
+    ignores = [out.rsplit("/", 1)[0] + "/.gitignore" for out in outs if "/" in out]
+    params = _yaml(root / "params.yaml")
+    generated = re.compile("|".join(f"{re.escape(prefix)}{_path_regex(t, params)}(?:/.*)?"
+                                    for t in (*GENERATED, *outs, *ignores)))  # fmt: skip
+    return any(not generated.fullmatch(path) for path in changed.splitlines())
+
+
+def dvc_outputs(root: Path) -> list[str]:
+    """The outs, metrics and plots dvc.yaml declares (its stages' and its top-level plots), as
+    written there: relative to `root`, `${...}` unresolved."""
+    spec = _yaml(root / "dvc.yaml")
+    entries = [e for stage in (spec.get("stages") or {}).values() for kind in ("outs", "metrics", "plots")
+               for e in stage.get(kind) or []]  # fmt: skip
+    entries += spec.get("plots") or []
+    return [str(next(iter(e)) if isinstance(e, dict) else e).strip("/") for e in entries]
+
+
+def _path_regex(template: str, params: Mapping[str, Any]) -> str:
+    """A regex of the path a dvc.yaml entry names: `${key}` is params.yaml's value, as DVC reads it,
+    or any one folder name when params.yaml has none."""
+    import posixpath
+
+    def value(m: re.Match[str]) -> str:
+        node: Any = params
+        for key in m.group(1).strip().split("."):
+            node = node.get(key) if isinstance(node, Mapping) else None
+        return str(node) if isinstance(node, (str, int, float)) and not isinstance(node, bool) else "\0"
+
+    path = posixpath.normpath(re.sub(r"\$\{([^}]*)\}", value, template))
+    return re.escape(path).replace("\0", "[^/]+")
+
+
+def _yaml(path: Path) -> dict[str, Any]:
+    """A YAML mapping file's content; {} when it is missing or not a mapping."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def dvc_lock_sha256(root: str | Path = ".") -> str | None:
@@ -448,6 +502,7 @@ __all__ = [
     "child_runs",
     "client_for",
     "dvc_lock_sha256",
+    "dvc_outputs",
     "experiment_id",
     "first_line",
     "git_commit",

@@ -1,8 +1,9 @@
-"""gsm.tracking against throwaway stores: the experiment's kind, pipeline parent runs, git_dirty."""
+"""gsm.tracking against throwaway stores and repositories: the experiment's kind, pipeline parent runs, git_dirty."""
 
 from __future__ import annotations
 
 import shlex
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -10,11 +11,19 @@ from typing import Any
 
 import pytest
 import yaml
-from conftest import tiny_params_dict
+from conftest import REPO, tiny_params_dict
 from typer.testing import CliRunner
 
 from gsm.cli import app
-from gsm.tracking import MlflowRun, TrackingTarget, client_for, experiment_id, pipeline_run
+from gsm.tracking import (
+    MlflowRun,
+    TrackingTarget,
+    client_for,
+    experiment_id,
+    git_dirty,
+    pipeline_run,
+    provenance_tags,
+)
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -83,3 +92,37 @@ def test_a_stale_parent_is_refused(target: TrackingTarget) -> None:
         MlflowRun(replace(target, parent_run_id=parent), "reds", {}).close()
     with pytest.raises(RuntimeError, match="FINISHED: unset GSM_PARENT_RUN_ID"):
         MlflowRun(replace(target, parent_run_id=parent), "reds", {})
+
+
+def _git_project(root: Path) -> Path:
+    """A committed project: the real dvc.yaml and params.yaml, code, and what the pipeline writes."""
+    files = {"dvc.yaml": (REPO / "dvc.yaml").read_text(), "params.yaml": (REPO / "params.yaml").read_text(),
+             "gsm/stage.py": "x = 1\n", "reports/metrics.json": "{}\n", "reports/gpu_runtime.json": "{}\n",
+             "dvc.lock": "schema: '2.0'\n", "runs/quickstart/reds/metrics.jsonl": "{}\n",
+             "runs/quickstart/reds/.gitignore": "/checkpoints\n", "data/quickstart/manifest.json": "{}\n"}  # fmt: skip
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c"]):
+        subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True)
+    return root
+
+
+@pytest.mark.parametrize("changed, dirty", [
+    ("reports/metrics.json", False), ("reports/gpu_runtime.json", False), ("dvc.lock", False),
+    ("runs/quickstart/reds/metrics.jsonl", False), ("runs/quickstart/reds/.gitignore", False),
+    ("data/quickstart/manifest.json", False), ("gsm/stage.py", True), ("params.yaml", True), ("dvc.yaml", True),
+])  # fmt: skip
+def test_git_dirty_means_code_or_params_changed(tmp_path: Path, changed: str, dirty: bool) -> None:
+    root = _git_project(tmp_path)
+    assert git_dirty(root) is False
+    with (root / changed).open("a") as fh:
+        fh.write("# changed\n")
+    assert git_dirty(root) is dirty
+    subprocess.run(["git", "-C", str(root), "add", changed], check=True)  # staged: the same
+    assert git_dirty(root) is dirty
+    assert provenance_tags(root)["git_dirty"] == str(dirty).lower()
+
+
+def test_git_dirty_outside_git_is_unknown(tmp_path: Path) -> None:
+    assert git_dirty(tmp_path) is None

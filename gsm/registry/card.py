@@ -157,7 +157,7 @@ def _provenance(f: CardFacts) -> str:
     dirty = {"true": "yes", "false": "no"}.get(tags.get("git_dirty", ""), "unknown")
     return "\n".join([
         "## Provenance",
-        f"- git commit: `{tags.get('git_commit', 'unknown')}` (uncommitted changes: {dirty})",
+        f"- git commit: `{tags.get('git_commit', 'unknown')}` (code or params changed since: {dirty})",
         f"- params sha256: `{params_sha256(f.params)}`",
         f"- dvc.lock sha256: `{tags.get('dvc_lock_sha256', 'none')}`",
         f"- checkpoint serving digest: `{(f.metrics.get('model') or {}).get('checkpoint_sha256', 'unknown')}`",
