@@ -181,3 +181,39 @@ def test_params_files_hold_every_key_dvc_tracks(params_file: str) -> None:
                 node = node[key]
     p = load_params(REPO / params_file)
     assert p.data.profile == ("quickstart" if params_file == "params.yaml" else "paper")
+
+
+_REGISTER = """\
+import json, pathlib, sys
+import yaml
+x = yaml.safe_load(open("params.yaml"))["x"]
+store = pathlib.Path(sys.argv[1])  # the registry: outside the workspace, as MLflow's store is
+best = max(x, int(store.read_text()) if store.is_file() else 0)
+store.write_text(str(best))
+pathlib.Path("reports").mkdir(exist_ok=True)
+pathlib.Path("reports/registry.json").write_text(json.dumps({"champion": best}))
+"""
+
+
+@pytest.mark.parametrize("fixed", [True, False])
+def test_register_outputs_are_never_restored_from_the_run_cache(tmp_path: Path, fixed: bool) -> None:
+    """The issue's sequence on a toy stage with the register stage's outputs as dvc.yaml declares
+    them: v1, then v2 takes over, then the param goes back; registry.json must still say v2 (the
+    registry's state), not v1 brought back by the run-cache. `fixed=False` strips `persist` to show
+    that the toy does reproduce the bug."""
+    register = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["register"]
+    metrics = [{k: {o: v for o, v in opts.items() if fixed or o != "persist"} for k, opts in m.items()}
+               for m in register["metrics"]]  # fmt: skip
+    root, store = tmp_path / "repo", tmp_path / "registry.txt"
+    root.mkdir()
+    (root / "register.py").write_text(_REGISTER)
+    stage = {"cmd": f"{sys.executable} register.py {store}", "deps": ["register.py"], "params": ["x"],
+             "metrics": metrics, "outs": register.get("outs", [])}  # fmt: skip
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"register": stage}}))
+    p = Project(root)
+    p.run("dvc", "init", "--no-scm", "-q")
+    for x in (1, 2, 1):
+        (root / "params.yaml").write_text(f"x: {x}\n")
+        p.repro()
+    champion = json.loads((root / "reports" / "registry.json").read_text())["champion"]
+    assert champion == (2 if fixed else 1)

@@ -254,6 +254,23 @@ def test_a_new_version_s_description_is_its_model_card(project: Project) -> None
     assert "- CPU: not measured\n- GPU: not measured (gpu_runtime.json timed another network)" in card2
 
 
+def test_register_reports_the_registry_champion_not_its_own_history(project: Project) -> None:
+    """The issue's case: v1, then v2 takes `champion`, then v1's inputs come back (a reverted param).
+    `gsm register` reuses v1 and its registry.json must say v2 is champion, as MLflow does."""
+    p = project.load(model_name="reconciled", gate_tolerance=0.1)
+    runs = {}
+    for name, seed, psnr in (("v1", 11, 30.0), ("v2", 12, 31.0)):
+        runs[name] = ckpt, reports = _variant(project, name, seed)
+        _scores(reports, ckpt, psnr)
+        stages.register(p, project.runs, reports, checkpoint=ckpt, progress=False)
+    ckpt, reports = runs["v1"]
+    again = stages.register(p, project.runs, reports, checkpoint=ckpt, progress=False)
+    assert (again.reused, again.version, again.alias, again.registry_champion) == (True, 1, "", 2)
+    report = json.loads((reports / "registry.json").read_text())
+    assert (report["version"], report["alias"], report["registry_champion"]) == (1, "", 2)
+    assert str(_client(project.uri).get_model_version_by_alias("reconciled", "champion").version) == "2"
+
+
 def _clip(t: int = 5, h: int = 12, w: int = 16) -> np.ndarray:
     ys, xs = np.mgrid[0:h, 0:w]
     return np.stack([np.stack([(xs * 9 + i * 5) % 256, (ys * 13) % 256, ((xs + ys) * 7 + i) % 256], -1)

@@ -12,6 +12,8 @@ score, git commit and dirty flag, dvc.lock's sha256, the checkpoint's path and s
 is a model card (gsm.registry.card: data, test sets, scores beside bicubic, speed). Registering a
 checkpoint already registered with the same scores adds no version (DVC and Prefect reruns are
 idempotent). reports/registry.json, written atomically, records the outcome: the DVC stage's metrics.
+It is rewritten on every call with the champion read back from the registry (`registry_champion`),
+since the registry, not the workspace, holds the state: a reused version reports who is champion now.
 """
 
 from __future__ import annotations
@@ -76,6 +78,9 @@ class RegisterResult:
     model_uri: str  # models:/<name>/<version>
     run_id: str
     report: Path
+    # The version holding `champion` in the registry once this call is done, read back from it: the
+    # report states the registry's truth even when this checkpoint was registered long ago.
+    registry_champion: int | None = None
 
 
 def metric_tag(test_set: str, name: str) -> str:
@@ -221,7 +226,8 @@ def register_checkpoint(
             result = RegisterResult(
                 name, int(existing.version), alias, False, True, f"already registered as version {existing.version}",
                 gate_set, cfg.gate_metric, cfg.gate_tolerance, value, None, None,
-                f"models:/{name}/{existing.version}", existing.run_id or "", Path(report))  # fmt: skip
+                f"models:/{name}/{existing.version}", existing.run_id or "", Path(report),
+                _champion_version(client, name, gate_key))  # fmt: skip
             _write_report(result, sha, profile)
             return result
 
@@ -253,9 +259,15 @@ def register_checkpoint(
     result = RegisterResult(
         name, int(mv.version), decision.alias, decision.alias == CHAMPION, False, decision.reason, gate_set,
         cfg.gate_metric, cfg.gate_tolerance, value, int(champion.version) if champion else None,
-        champion.value if champion else None, f"models:/{name}/{mv.version}", run.run_id, Path(report))  # fmt: skip
+        champion.value if champion else None, f"models:/{name}/{mv.version}", run.run_id, Path(report),
+        _champion_version(client, name, gate_key))  # fmt: skip
     _write_report(result, sha, profile)
     return result
+
+
+def _champion_version(client: Any, name: str, gate_key: str) -> int | None:
+    now = current_champion(client, name, gate_key)
+    return int(now.version) if now else None
 
 
 def _write_report(result: RegisterResult, sha: str, profile: str) -> None:
