@@ -77,7 +77,7 @@ def test_paper_profile_from_archives(http_server: LoopbackServer, tmp_path: Path
     assert m["reds"]["train"][-2:] == ["240", "241"] and not set(REDS4_CLIPS) & set(m["reds"]["train"])
     assert m["reds"]["frames_per_clip"]["241"] == 2
     assert (Path(m["reds"]["gt_lmdb"]) / "meta_info.txt").read_text().count("\n") == 2 * 23
-    assert m["archives"]["vid4_gt"] == hashlib.sha256(http_server.files["Vid4.zip"]).hexdigest()  # bytes, not URLs
+    assert m["made_from"]["archives"]["vid4_gt"] == hashlib.sha256(http_server.files["Vid4.zip"]).hexdigest()
     # Vimeo: BI LR degraded here from the sequences; lists from the archive.
     assert m["vimeo"]["train"] == ["00001/0001", "00001/0002"] and m["vimeo"]["test"] == ["00002/0001"]
     assert cv2.imread(str(Path(m["vimeo"]["lr_folder"]) / "00002/0001/im4.png")).shape == (4, 6, 3)
@@ -101,6 +101,27 @@ def test_paper_profile_from_archives(http_server: LoopbackServer, tmp_path: Path
     prepare_data(cfg, sources, progress=False)
     assert len(http_server.requests) == before
     assert read_manifest(cfg) == m
+
+
+def test_a_mirror_with_the_same_bytes_is_the_same_data(http_server: LoopbackServer, tmp_path: Path) -> None:  # noqa: F811
+    """Switching every source to another URL serving the same bytes: the download step fetches and
+    checks the new URL, but its index (degrade's DVC dependency), the manifest and the trainers'
+    data fingerprints stay byte for byte, so nothing downstream reruns."""
+    from gsm.stages import data_fingerprint
+
+    archives = _archives()
+    http_server.files.update({**archives, **{f"mirror/{k}": v for k, v in archives.items()}})
+    cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path / "data"), "workers": 1, "paper": TOY})
+    outputs = [cfg.source_dir / "index.json", cfg.lr_dir / "index.json", cfg.manifest_path]
+    seen = []
+    for prefix in ("", "/mirror"):
+        sources = sources_from_dict({k: {"url": http_server.url(prefix + v)} for k, v in SERVED.items()})
+        prepare_data(cfg, sources, progress=False)
+        m = read_manifest(cfg)
+        seen.append(([p.read_bytes() for p in outputs], {s: data_fingerprint(m, s) for s in ("reds", "vimeo")}))
+    assert any(r.path.startswith("mirror/") for r in http_server.requests)  # the mirror's bytes were read
+    assert seen[0] == seen[1]
+    assert "://" not in seen[1][0][2].decode().split('"reds"')[0]  # made_from names no URL
 
 
 def test_reds_subset_counts_are_checked(http_server: LoopbackServer, tmp_path: Path) -> None:  # noqa: F811

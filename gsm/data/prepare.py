@@ -24,7 +24,6 @@ changed starts its output over: derived frames of other data must not survive.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -328,8 +327,9 @@ def _download_paper(cfg: DataConfig, sources: dict[str, Source], progress: bool)
     raw.update({name: cfg.source_dir / "raw" / name for name in VID4_SOURCES if sources[name].url})
     return {
         "profile": "paper",
-        "made_from": {name: dataclasses.asdict(src) for name, src in sorted(sources.items())},
-        "archives": _archive_digests(raw),
+        # The archives' bytes, not their URLs or checks: a mirror with the same bytes is the same data,
+        # so this index, and every stage and training run fingerprinting it, stays as it was.
+        "made_from": {"archives": _archive_digests(raw)},
         "reds": {
             "kind": "reds", "name": "REDS", "gt_folder": str(reds_dir / "GT"), "lr_folder": str(reds_dir / "BIx4"),
             "train": train, "test": test, "test_name": "REDS4",
