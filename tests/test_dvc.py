@@ -166,6 +166,27 @@ def test_metrics_plots_and_experiments(project: Project) -> None:
     assert "no-scatter" in table and "model.scatter" in table
 
 
+def test_remote_round_trip_evaluates_from_pulled_data_only(project: Project, tmp_path: Path) -> None:
+    """The README's DVC-remote path: push, fresh clone, pull, `dvc repro --allow-missing`; the clone
+    has no frame trees (source/, lr/ are not cached), so evaluation must read only what came back."""
+    project.repro()
+    remote = tmp_path / "remote"
+    project.run("dvc", "remote", "add", "-f", "-d", "local", str(remote))
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-qm", "run to share", "--allow-empty")
+    project.run("dvc", "push")
+    clone = Project(tmp_path / "clone")
+    project.run("git", "clone", "-q", str(project.root), str(clone.root))
+    clone.run("dvc", "pull")
+    profile = clone.root / "data" / "quickstart"
+    assert (profile / "manifest.json").is_file() and not (profile / "source").exists() and not (profile / "lr").exists()
+    ran = re.findall(r"Running stage '([^']+)'", clone.run("dvc", "repro", "--allow-missing"))
+    assert not {"download", "degrade", "pack", "train_reds", "finetune_vimeo"} & set(ran)
+    ran = re.findall(r"Running stage '([^']+)'", clone.run("dvc", "repro", "--allow-missing", "-f", "-s", "evaluate"))
+    assert ran == ["evaluate"] and not (profile / "source").exists()
+    assert clone.metrics()["test_sets"] == project.metrics()["test_sets"]
+
+
 @pytest.mark.parametrize("params_file", ["params.yaml", "configs/paper.yaml"])
 def test_params_files_hold_every_key_dvc_tracks(params_file: str) -> None:
     """`dvc repro` refuses a params file missing a tracked key; both profiles must parse."""

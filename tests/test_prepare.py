@@ -124,6 +124,31 @@ def test_a_mirror_with_the_same_bytes_is_the_same_data(http_server: LoopbackServ
     assert "://" not in seen[1][0][2].decode().split('"reds"')[0]  # made_from names no URL
 
 
+def test_evaluation_and_training_read_only_what_dvc_pull_brings(http_server: LoopbackServer, tmp_path: Path) -> None:  # noqa: F811
+    """After `dvc pull` only lmdb/ and manifest.json exist (the frame trees are not cached): every
+    benchmark and training set must come from them, REDS4's and Vid4's frame lists included."""
+    import shutil
+
+    http_server.files.update(_archives())
+    sources = sources_from_dict({k: {"url": http_server.url(v)} for k, v in SERVED.items()})
+    cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path / "data"), "workers": 1, "paper": TOY})
+    prepare_data(cfg, sources, progress=False)
+    shutil.rmtree(cfg.source_dir)
+    shutil.rmtree(cfg.lr_dir)
+    m = read_manifest(cfg)
+    tests = {t.name: t for kind in ("reds", "vimeo", "vid4") for t in eval_sets(m, kind)}
+    assert set(tests) == {"REDS4", "Vimeo-90K-T", "Vid4-BI", "Vid4-BD"}
+    assert tests["REDS4"].dataset.names == list(REDS4_CLIPS)
+    assert set(tests["Vid4-BI"].dataset.names) == set(VID4_CLIPS)
+    for t in tests.values():
+        sample = t.dataset[0]
+        assert sample["lq"].shape[-1] * 4 == sample["gt"].shape[-1]
+    assert tests["Vid4-BD"].dataset[0]["lq"].shape[-2:] == (36, 45)
+    for kind in ("reds", "vimeo"):
+        gt, lr, entry = train_stores(m, kind)
+        assert gt.get(gt.keys()[0]).shape[:2] == tuple(4 * n for n in lr.get(gt.keys()[0]).shape[:2])
+
+
 def test_reds_subset_counts_are_checked(http_server: LoopbackServer, tmp_path: Path) -> None:  # noqa: F811
     """Official counts by default; a subset must keep REDS4, and archives must hold exactly it."""
     assert DataConfig().paper.reds_train_clips == 240 and DataConfig().paper.reds_val_clips == 30

@@ -11,10 +11,21 @@ from gsm.data.lmdb_io import LmdbStore
 from gsm.eval.protocols import TestSet
 
 
-def _stores(entry: dict[str, Any], backend: str) -> tuple[FrameStore, FrameStore]:
-    if backend == "lmdb" and "gt_lmdb" in entry:
-        return LmdbStore(entry["gt_lmdb"]), LmdbStore(entry["lr_lmdb"])
-    return FolderStore(Path(entry["gt_folder"])), FolderStore(Path(entry["lr_folder"]))
+def _packed(entry: dict[str, Any], backend: str) -> bool:
+    """Whether to read `entry` from its LMDBs: they are DVC-cached, so after `dvc pull` they are
+    all there is (the frame trees are not pulled). Frame keys then come from their meta_info."""
+    return backend == "lmdb" and "gt_lmdb" in entry
+
+
+def _stores(entry: dict[str, Any], backend: str, lr: str = "lr") -> tuple[FrameStore, FrameStore]:
+    if _packed(entry, backend):
+        return LmdbStore(entry["gt_lmdb"]), LmdbStore(entry[f"{lr}_lmdb"])
+    return FolderStore(Path(entry["gt_folder"])), FolderStore(Path(entry[f"{lr}_folder"]))
+
+
+def _gt_source(entry: dict[str, Any], backend: str) -> str:
+    """Where the GT frame keys are listed: the LMDB's meta_info when packed, else the folder tree."""
+    return entry["gt_lmdb"] if _packed(entry, backend) else entry["gt_folder"]
 
 
 def _entry(manifest: dict[str, Any], kind: str) -> dict[str, Any]:
@@ -48,16 +59,13 @@ def eval_sets(
         names, name = entry["val"], f"{name} val"
     if kind == "reds":
         gt, lr = _stores(entry, backend)
-        clips = clip_frames(entry["gt_folder"], names)
+        clips = clip_frames(_gt_source(entry, backend), names)
         protocol = entry.get("test_protocol", "reds4")
         return [TestSet(name, protocol, VideoTestDataset(gt, lr, clips))]
     if kind == "vimeo":
         gt, lr = _stores(entry, backend)
         seqs = vimeo_test_sequences(names)
         return [TestSet(name, "vimeo", VideoTestDataset(gt, lr, seqs, center_index=VIMEO_CENTER_INDEX))]
-    gt_folder = Path(entry["gt_folder"])
-    clips = vid4_clips(gt_folder)
-    return [
-        TestSet(f"Vid4-{mode}", "vid4", VideoTestDataset(FolderStore(gt_folder), FolderStore(Path(entry[key])), clips))
-        for mode, key in (("BI", "bi_folder"), ("BD", "bd_folder"))
-    ]
+    clips = vid4_clips(_gt_source(entry, backend))
+    return [TestSet(f"Vid4-{mode}", "vid4", VideoTestDataset(*_stores(entry, backend, lr), clips))
+            for mode, lr in (("BI", "bi"), ("BD", "bd"))]  # fmt: skip

@@ -15,7 +15,8 @@ each handing the next an `index.json` (the manifest in the making):
    source (gsm.data.vid4 recognises the mirrors' layouts and checks the frame sizes).
 2. degrade -> `lr/`: the LR frames no archive provides, with our MATLAB-exact BI (and BD for
    Vid4): quickstart `lr/{reds_like,vimeo_like}/BIx4`, paper `lr/Vimeo/BIx4`, `lr/Vid4/{BIx4,BDx4}`.
-3. pack -> `lmdb/` and `manifest.json`: BasicSR-style LMDBs of every GT/LR training tree.
+3. pack -> `lmdb/` and `manifest.json`: BasicSR-style LMDBs of every GT/LR tree training and
+   evaluation read (Vid4's too), so the DVC-cached `lmdb/` is all they need after `dvc pull`.
 
 Every step is resumable (markers are written only for finished work), so a rerun after a crash or
 a Ctrl-C continues where it stopped and a finished step costs seconds. A step whose input index
@@ -395,6 +396,10 @@ def pack_data(cfg: DataConfig, sources: dict[str, Source], *, progress: bool = T
             e = index[kind]
             e["gt_lmdb"] = _pack(Path(e["gt_folder"]), cfg.lmdb_dir / f"{e['name']}_GT.lmdb", cfg, progress)
             e["lr_lmdb"] = _pack(Path(e["lr_folder"]), cfg.lmdb_dir / f"{e['name']}_BIx4.lmdb", cfg, progress)
+        if index.get("vid4"):  # packed too: evaluation must find everything it reads in `dvc pull`'s data
+            v = index["vid4"]
+            for key, label in (("gt", "GT"), ("bi", "BIx4"), ("bd", "BDx4")):
+                v[f"{key}_lmdb"] = _pack(Path(v[f"{key}_folder"]), cfg.lmdb_dir / f"Vid4_{label}.lmdb", cfg, progress)
     atomic_write_json(cfg.lmdb_dir / INDEX, index)
     index["backend"] = cfg.backend
     atomic_write_json(cfg.manifest_path, index)
