@@ -152,8 +152,9 @@ def evaluate(
     sets = [s for kind in ("reds", "vimeo", "vid4") if manifest.get(kind) for s in eval_sets(manifest, kind)]
     logs = [Path(runs) / s / "metrics.jsonl" for s in STAGES if (Path(runs) / s / "metrics.jsonl").is_file()]
     info = {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": p.data.profile}
+    val_sets = {s: eval_sets(manifest, s, split="val")[0].name for s in STAGES if manifest.get(s)}
     results = run_evaluation(model, sets, p.eval, out, train_logs=logs, info=info, progress=progress,
-                             baselines=read_baselines(Path(out) / "baselines.json", manifest))
+                             baselines=read_baselines(Path(out) / "baselines.json", manifest), val_sets=val_sets)
     target = tracking_target(p.mlflow, tracking_uri, parent_run_id)
     if target is not None:
         with mlflow_errors(target.uri):

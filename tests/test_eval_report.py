@@ -12,7 +12,17 @@ import numpy as np
 import pytest
 
 from gsm.eval.protocols import ClipResult, Showcase, TestResult
-from gsm.eval.report import choose_crop, read_train_log, slug, write_reports
+from gsm.eval.metrics import psnr
+from gsm.eval.report import (
+    choose_crop,
+    crops_figure,
+    per_clip_figure,
+    read_train_log,
+    slug,
+    train_loss_figure,
+    val_figure,
+    write_reports,
+)
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -30,7 +40,7 @@ def _result(
     if showcase:
         rng = np.random.default_rng(0)
         gt = rng.integers(0, 256, (40, 48, 3)).astype(np.uint8)
-        show = Showcase(clips[0][0], "00000000", gt // 2, gt, gt, 30.0, 25.0)
+        show = Showcase(clips[0][0], "00000000", gt // 2, gt, gt, 30.0, 25.0, gt[::4, ::4].copy())
     return TestResult(name, protocol, protocol != "reds4", 0, rows, 1.5, show)
 
 
@@ -50,6 +60,7 @@ def _logs(tmp_path: Path) -> list[Path]:
     lines.append({"stage": "reds", "iter": 5, "val_psnr": 28.0, "val_ssim": 0.81})
     # enough noisy points to take the moving-average path
     lines += [{"stage": "vimeo", "iter": i, "loss": 0.02 + 0.01 * (i % 3), "lr": 1e-4} for i in range(1, 151)]
+    lines.append({"stage": "vimeo", "iter": 150, "val_psnr": 31.0, "val_ssim": 0.9})  # a lone end-of-stage point
     path = run / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
     return [path]
@@ -86,7 +97,7 @@ def test_write_reports_files_and_numbers(tmp_path: Path, results: dict[str, Test
     assert len(train) == 155 and train[0] == {"step": "1", "stage": "reds", "iter": "1", "loss": "0.1", "lr": "0.0002"}
     assert (train[5]["step"], train[5]["stage"], train[5]["iter"]) == ("6", "vimeo", "1")
     val = list(csv.DictReader((out / "curves" / "val.csv").open()))
-    assert [(r["step"], r["val_psnr"], r["val_ssim"]) for r in val] == [("3", "27.5", "0.8"), ("5", "28.0", "0.81")]
+    assert [(r["step"], r["set"], r["val_psnr"]) for r in val] == [("3", "", "27.5"), ("5", "", "28.0"), ("155", "", "31.0")]
     assert m["test_sets"]["quickstart-Vimeo"]["psnr_gain"] == pytest.approx(4.0)
     assert m["model"] == {"params": 1_234_567, "checkpoint": "ema.pt"}
 
@@ -141,3 +152,65 @@ def test_choose_crop_finds_the_largest_difference() -> None:
 
 def test_slug() -> None:
     assert slug("Vimeo-90K-T") == "vimeo-90k-t" and slug("Vid4 BI/x") == "vid4-bi-x" and slug("??") == "set"
+
+
+VAL_SETS = {"reds": "quickstart-REDS val", "vimeo": "quickstart-Vimeo val"}
+
+
+def test_train_loss_continues_across_stages(tmp_path: Path) -> None:
+    """Vimeo's iterations go on from REDS's last (5), after a dashed line, labelled by stage."""
+    fig = train_loss_figure(_logs(tmp_path))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["REDS stage", "Vimeo stage (mean of 3)"]
+    reds, vimeo_raw = ax.get_lines()[0], ax.get_lines()[1]
+    assert list(reds.get_xdata()) == [1, 2, 3, 4, 5] and vimeo_raw.get_xdata()[0] == 6
+    assert vimeo_raw.get_xdata()[-1] == 155
+    (boundary,) = [ln for ln in ax.get_lines() if ln.get_linestyle() == "--"]
+    assert list(boundary.get_xdata()) == [5.5, 5.5]
+
+
+def test_val_psnr_one_panel_per_set(tmp_path: Path) -> None:
+    logs = _logs(tmp_path)
+    fig = val_figure(logs, VAL_SETS)
+    reds, vimeo = fig.axes
+    assert (reds.get_title(), vimeo.get_title()) == ("quickstart-REDS val", "quickstart-Vimeo val")
+    assert list(reds.get_lines()[0].get_xdata()) == [3, 5] and list(reds.get_lines()[0].get_ydata()) == [27.5, 28.0]
+    assert list(vimeo.get_lines()[0].get_xdata()) == [150]  # its own stage's iteration
+    assert vimeo.get_xlabel() == "iteration of the Vimeo stage"
+    out = tmp_path / "r"
+    write_reports({"x": _result("x", "vid4", [("a", [30.0], [28.0])], showcase=False)}, out, model_info={},
+                  train_logs=logs, val_sets=VAL_SETS)  # fmt: skip
+    sets = [r["set"] for r in csv.DictReader((out / "curves" / "val.csv").open())]
+    assert sets == ["quickstart-REDS val", "quickstart-REDS val", "quickstart-Vimeo val"]
+
+
+def test_per_clip_bars_are_horizontal_with_clip_names() -> None:
+    names = [f"00001/{i:04d}" for i in range(68, 73)]
+    r = _result("quickstart-Vimeo", "vimeo", [(n, [30.0 + i], [28.0]) for i, n in enumerate(names)], showcase=False)
+    ax = per_clip_figure(r).axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    assert ax.get_xlabel() == "PSNR (dB, Y)"
+    ours = ax.containers[1]
+    assert [b.get_width() for b in ours] == [30.0, 31.0, 32.0, 33.0, 34.0]
+    many = _result("big", "vimeo", [(f"c{i}", [30.0], [28.0]) for i in range(41)], showcase=False)
+    assert "gain over bicubic" in per_clip_figure(many).axes[0].get_xlabel()
+
+
+def test_crops_show_lr_and_each_crops_own_psnr() -> None:
+    rng = np.random.default_rng(1)
+    gt = rng.integers(0, 256, (32, 48, 3)).astype(np.uint8)
+    ours = gt.copy()
+    ours[8:16, 8:16] = 0  # ours is wrong here, so the crop lands on it
+    bic = (gt // 2 + 60).astype(np.uint8)
+    show = Showcase("clip", "0007", bic, ours, gt, 99.0, 98.0, gt[::4, ::4].copy())
+    r = _result("quickstart-REDS", "vid4", [("clip", [30.0], [28.0])], showcase=False)
+    fig = crops_figure(r, show, 16)
+    titles = [ax.get_title() for ax in fig.axes]
+    y, x = choose_crop(ours, bic, 16)
+    crop = (slice(y, y + 16), slice(x, x + 16))
+    lr_up = np.repeat(np.repeat(gt[::4, ::4], 4, 0), 4, 1)
+    assert titles == [f"LR (nearest) {psnr(lr_up[crop], gt[crop], 0, True):.2f} dB",
+                      f"bicubic {psnr(bic[crop], gt[crop], 0, True):.2f} dB",
+                      f"ours {psnr(ours[crop], gt[crop], 0, True):.2f} dB", "ground truth"]  # fmt: skip
+    assert "99.00" not in " ".join(titles)  # not the whole frame's PSNR
+    assert fig.axes[0].get_images()[0].get_array().shape == (16, 16, 3)

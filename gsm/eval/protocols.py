@@ -115,6 +115,7 @@ class Showcase:
     gt: np.ndarray
     psnr: float
     bicubic_psnr: float
+    lr: np.ndarray | None = None  # the LR input frame, for the figure's input panel
 
 
 @dataclass(frozen=True)
@@ -287,7 +288,7 @@ def evaluate_model(
                     bss.append(bs)
                     if keep and (best is None or p - bp > best_gain):
                         best_gain = p - bp
-                        best = Showcase(name, frame_names[k], bic, ours, gt[k].copy(), p, bp)
+                        best = Showcase(name, frame_names[k], bic, ours, gt[k].copy(), p, bp, lq_u8[k].copy())
                 bar.update(1)
                 bar.set_postfix(clip=name, psnr=f"{p:.2f}")
             clips.append(ClipResult(

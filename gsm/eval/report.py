@@ -5,15 +5,16 @@
   score (``inf`` PSNR of a perfect frame, ``nan`` of a skipped baseline) is ``null``, since JSON
   has no such numbers. Nothing timed goes here, so two runs of the same pipeline give the same file.
 * ``runtime.json``: inference seconds per test set (and per frame), the timed part.
-* ``curves/train.csv`` (step, stage, iter, loss, lr) and ``curves/val.csv`` (step, stage, iter,
+* ``curves/train.csv`` (step, stage, iter, loss, lr) and ``curves/val.csv`` (step, stage, set, iter,
   val_*): the training logs as DVC plot data; `step` counts on across stages.
 * ``per_clip.csv``: test_set, clip, frames, psnr, ssim, bicubic_psnr, bicubic_ssim.
 * ``benchmark.md``: this run's numbers, then the SPEC 5 table of published numbers with ours and
   bicubic beside them, then the plots.
-* ``plots/``: ``train_loss.png`` and ``val_psnr.png`` from the trainer's metrics.jsonl files,
-  ``per_clip_<set>.png`` (ours vs bicubic PSNR per clip) and ``crops_<set>.png`` (bicubic / ours /
-  GT crops of the showcase frame; the crop is where ours and bicubic differ most, the centre if
-  they never differ).
+* ``plots/``: ``train_loss.png`` (all stages on one continuing iteration axis) and ``val_psnr.png``
+  (one panel per validation set) from the trainer's metrics.jsonl files, ``per_clip_<set>.png``
+  (ours vs bicubic PSNR per clip, horizontal bars) and ``crops_<set>.png`` (LR / bicubic / ours /
+  GT crops of the showcase frame, each with the crop's own PSNR; the crop is where ours and
+  bicubic differ most, the centre if they never differ).
 
 Figures are drawn on `matplotlib.figure.Figure` with the Agg canvas: no pyplot global state.
 """
@@ -27,7 +28,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gsm.eval.metrics import psnr
 from gsm.eval.protocols import Showcase, TestResult
 from gsm.io import atomic_write_json, atomic_write_text
 
@@ -241,102 +243,169 @@ def read_train_log(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _series(logs: Sequence[Path], key: str) -> dict[str, tuple[list[float], list[float]]]:
-    """label -> (iterations, values) of every record carrying `key`, one series per (file, stage)."""
-    out: dict[str, tuple[list[float], list[float]]] = {}
-    for path in logs:
-        for rec in read_train_log(path):
-            value, it = rec.get(key), rec.get("iter")
-            if not isinstance(value, (int, float)) or not isinstance(it, (int, float)):
-                continue
-            stage = str(rec.get("stage", "train"))
-            label = stage if len(logs) == 1 else f"{Path(path).parent.name}/{stage}"
-            xs, ys = out.setdefault(label, ([], []))
-            xs.append(float(it))
-            ys.append(float(value))
-    return out
+STAGE_TITLES = {"reds": "REDS stage", "vimeo": "Vimeo stage"}
 
 
-def curves_csv(logs: Sequence[Path]) -> tuple[str, str]:
-    """(train.csv, val.csv) text of the logs, stages in order, `step` continuing across stages."""
-    train, val = io.StringIO(), io.StringIO()
-    tw, vw = csv.writer(train, lineterminator="\n"), csv.writer(val, lineterminator="\n")
-    tw.writerow(["step", "stage", "iter", "loss", "lr"])
-    val_keys: list[str] = []
-    val_rows: list[list[Any]] = []
+def stage_title(stage: str) -> str:
+    """How a figure names a training stage ("REDS stage"), rather than its log path."""
+    return STAGE_TITLES.get(stage, f"{stage} stage")
+
+
+def logged_steps(logs: Sequence[Path]) -> Iterator[tuple[str, int, dict[str, Any]]]:
+    """(stage, step, record) of every record with an integer `iter`, in log order.
+
+    `step` continues across stages (a stage's iterations go on from the previous stage's last one),
+    so the Vimeo stage, which finetunes the REDS stage's weights, is drawn after it, not over it.
+    """
     offset, last, current = 0, 0, None
     for path in logs:
         for rec in read_train_log(path):
             it = rec.get("iter")
-            if not isinstance(it, int):
+            if not isinstance(it, int) or isinstance(it, bool):
                 continue
-            stage = rec.get("stage", Path(path).parent.name)
-            if stage != current:  # the next stage's iterations go on from the last one's end
+            stage = str(rec.get("stage", Path(path).parent.name))
+            if stage != current:
                 offset, last, current = offset + last, 0, stage
             last = max(last, it)
-            if isinstance(rec.get("loss"), (int, float)):
-                tw.writerow([offset + it, stage, it, rec["loss"], rec.get("lr", "")])
-            vals = {k: v for k, v in rec.items() if k.startswith("val_") and isinstance(v, (int, float))}
-            if vals:
-                val_keys += [k for k in sorted(vals) if k not in val_keys]
-                val_rows.append([offset + it, stage, it, vals])
-    vw.writerow(["step", "stage", "iter", *val_keys])
+            yield stage, offset + it, rec
+
+
+def curves_csv(logs: Sequence[Path], val_sets: Mapping[str, str] | None = None) -> tuple[str, str]:
+    """(train.csv, val.csv) text of the logs for `dvc plots`: `step` continues across stages, as
+    in train_loss.png, and val.csv names each row's validation set."""
+    train, val = io.StringIO(), io.StringIO()
+    tw, vw = csv.writer(train, lineterminator="\n"), csv.writer(val, lineterminator="\n")
+    tw.writerow(["step", "stage", "iter", "loss", "lr"])
+    val_keys: list[str] = []
+    val_rows: list[tuple[int, str, Any, dict[str, Any]]] = []
+    for stage, step, rec in logged_steps(logs):
+        if isinstance(rec.get("loss"), (int, float)):
+            tw.writerow([step, stage, rec["iter"], rec["loss"], rec.get("lr", "")])
+        vals = {k: v for k, v in rec.items() if k.startswith("val_") and isinstance(v, (int, float))}
+        if vals:
+            val_keys += [k for k in sorted(vals) if k not in val_keys]
+            val_rows.append((step, stage, rec["iter"], vals))
+    vw.writerow(["step", "stage", "set", "iter", *val_keys])
     for step, stage, it, vals in val_rows:
-        vw.writerow([step, stage, it, *(vals.get(k, "") for k in val_keys)])
+        vw.writerow([step, stage, (val_sets or {}).get(stage, ""), it, *(vals.get(k, "") for k in val_keys)])
     return train.getvalue(), val.getvalue()
 
 
-def plot_curve(logs: Sequence[Path], key: str, ylabel: str, path: Path, log_y: bool = False) -> Path | None:
-    """One line per (log, stage) of `key` against iterations; None (nothing written) if no record has it."""
-    series = _series(logs, key)
+def _by_stage(logs: Sequence[Path], key: str) -> dict[str, tuple[list[int], list[int], list[float]]]:
+    """stage -> (steps, stage iterations, values) of the records carrying a number under `key`."""
+    out: dict[str, tuple[list[int], list[int], list[float]]] = {}
+    for stage, step, rec in logged_steps(logs):
+        value = rec.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            steps, iters, values = out.setdefault(stage, ([], [], []))
+            steps.append(step)
+            iters.append(int(rec["iter"]))
+            values.append(float(value))
+    return out
+
+
+def _draw_loss(ax: Any, xs: list[int], ys: list[float], label: str) -> None:
+    """A noisy per-iteration loss as a faint raw curve under its moving mean; a short one as is."""
+    if len(ys) <= 100:
+        ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
+        return
+    k = len(ys) // 50
+    (raw,) = ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
+    ax.plot(xs[k - 1 :], np.convolve(ys, np.ones(k) / k, mode="valid"), color=raw.get_color(),
+            label=f"{label} (mean of {k})")  # fmt: skip
+
+
+def train_loss_figure(logs: Sequence[Path]) -> Figure | None:
+    """The training loss of all stages on one iteration axis, a dashed line where each later stage
+    starts; None when no record has a loss."""
+    series = _by_stage(logs, "loss")
     if not series:
         return None
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
-    for label, (xs, ys) in series.items():
-        if len(ys) > 100:  # noisy per-iteration losses: faint raw curve under a moving average
-            k = len(ys) // 50
-            (raw,) = ax.plot(xs, ys, alpha=0.25, linewidth=0.8)
-            smooth = np.convolve(ys, np.ones(k) / k, mode="valid")
-            ax.plot(xs[k - 1 :], smooth, color=raw.get_color(), label=f"{label} (mean of {k})")
-        else:
-            ax.plot(xs, ys, label=label, marker="o" if len(xs) < 20 else None, markersize=3)
-    if log_y and all(v > 0 for _, ys in series.values() for v in ys):
+    for n, (stage, (steps, _, values)) in enumerate(series.items()):
+        _draw_loss(ax, steps, values, stage_title(stage))
+        if n:
+            ax.axvline(steps[0] - 0.5, color="0.4", linestyle="--", linewidth=1)
+    if all(v > 0 for _, _, ys in series.values() for v in ys):
         ax.set_yscale("log")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel(ylabel)
+    ax.set_xlabel("iteration (each stage continues from the previous one's last)")
+    ax.set_ylabel("training loss (Charbonnier)")
+    ax.set_title("Training loss")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
+
+
+def val_figure(logs: Sequence[Path], val_sets: Mapping[str, str]) -> Figure | None:
+    """Validation PSNR, one panel per validation set (each stage validates on its own set, whose
+    scores are not comparable with the other's); None when no record has one."""
+    series = _by_stage(logs, "val_psnr")
+    if not series:
+        return None
+    fig = Figure(figsize=(3.5 * len(series) + 0.5, 3.6))
+    axes = np.atleast_1d(fig.subplots(1, len(series)))
+    for ax, (stage, (_, iters, values)) in zip(axes, series.items()):
+        ax.plot(iters, values, marker="o", markersize=4)
+        ax.annotate(f"{values[-1]:.2f}", (iters[-1], values[-1]), textcoords="offset points", xytext=(0, 6),
+                    ha="center", fontsize=8)  # fmt: skip
+        ax.set_title(val_sets.get(stage, f"{stage} validation"), fontsize=10)
+        ax.set_xlabel(f"iteration of the {stage_title(stage)}")
+        ax.set_ylabel("validation PSNR (dB)")
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------------------------------
 # Per-clip bars and crops
 
+MAX_BARS = 40  # more clips than this: a histogram of the gains instead of unreadable bars
 
-def plot_per_clip(result: TestResult, path: Path) -> Path:
-    """Grouped bars: mean PSNR per clip, ours beside bicubic."""
+
+def _finite_or_zero(values: Sequence[float]) -> list[float]:
+    """inf (a perfect clip) or nan (no baseline) cannot be drawn as a bar: 0, i.e. left out."""
+    return [v if math.isfinite(v) else 0.0 for v in values]
+
+
+def per_clip_figure(result: TestResult) -> Figure:
+    """Mean PSNR per clip, ours beside bicubic, as horizontal bars so clip names stay readable;
+    a histogram of our gain over bicubic when there are too many clips for bars."""
+    if len(result.clips) > MAX_BARS:
+        return _gain_histogram(result)
     names = [c.clip for c in result.clips]
-    # inf (a perfect clip) or nan (no baseline) cannot be drawn: such bars are left out
-    ours = [v if math.isfinite(v) else 0.0 for v in (c.mean_psnr for c in result.clips)]
-    bic = [v if math.isfinite(v) else 0.0 for v in (c.mean_bicubic_psnr for c in result.clips)]
-    x = np.arange(len(names))
-    fig = Figure(figsize=(max(5.0, 0.6 * len(names) + 2), 4))
+    ours = _finite_or_zero([c.mean_psnr for c in result.clips])
+    bic = _finite_or_zero([c.mean_bicubic_psnr for c in result.clips])
+    y = np.arange(len(names))
+    fig = Figure(figsize=(6.5, 1.2 + 0.4 * len(names)))
     ax = fig.subplots()
+    ax.barh(y + 0.2, bic, 0.4, label="bicubic")
+    ax.barh(y - 0.2, ours, 0.4, label="ours")
     finite = [v for v in ours + bic if v > 0]
-    ax.bar(x - 0.2, bic, 0.4, label="bicubic")
-    ax.bar(x + 0.2, ours, 0.4, label="ours")
     if finite:
-        lo, hi = min(finite), max(finite)
-        ax.set_ylim(max(0.0, lo - 2.0), hi + 1.0)
-    ax.set_xticks(x, names, rotation=45 if len(names) > 6 else 0, ha="right" if len(names) > 6 else "center")
-    ax.set_ylabel(f"PSNR (dB, {'Y' if result.y_channel else 'RGB'})")
+        ax.set_xlim(max(0.0, min(finite) - 2.0), max(finite) + 1.0)
+    ax.set_yticks(y, names)
+    ax.invert_yaxis()  # first clip on top
+    ax.set_xlabel(f"PSNR (dB, {'Y' if result.y_channel else 'RGB'})")
     ax.set_title(f"{result.name}: per-clip PSNR")
-    ax.grid(True, axis="y", alpha=0.3)
-    ax.legend()
+    ax.grid(True, axis="x", alpha=0.3)
+    ax.legend(loc="lower right")
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
+
+
+def _gain_histogram(result: TestResult) -> Figure:
+    """Histogram over clips of ours minus bicubic PSNR (finite gains only)."""
+    gains = [c.mean_psnr - c.mean_bicubic_psnr for c in result.clips]
+    fig = Figure(figsize=(6.5, 4))
+    ax = fig.subplots()
+    ax.hist([g for g in gains if math.isfinite(g)], bins=30)
+    ax.set_xlabel("PSNR gain over bicubic per clip (dB)")
+    ax.set_ylabel("clips")
+    ax.set_title(f"{result.name}: per-clip gain over bicubic ({len(gains)} clips)")
+    fig.tight_layout()
+    return fig
 
 
 def choose_crop(ours: np.ndarray, bicubic: np.ndarray, size: int) -> tuple[int, int]:
@@ -357,24 +426,41 @@ def choose_crop(ours: np.ndarray, bicubic: np.ndarray, size: int) -> tuple[int, 
     return int(y), int(x)
 
 
-def plot_crops(result: TestResult, showcase: Showcase, path: Path, crop_size: int) -> Path:
-    """Bicubic / ours / GT crops side by side, each titled with its frame PSNR."""
+def nearest_upsample(lr: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """LR pixels repeated to the GT size: the input as the network saw it, with no interpolation."""
+    sy, sx = shape[0] // lr.shape[0], shape[1] // lr.shape[1]
+    return np.repeat(np.repeat(lr, sy, axis=0), sx, axis=1)
+
+
+def crop_panels(
+    result: TestResult, showcase: Showcase, crop_size: int
+) -> tuple[list[tuple[str, np.ndarray]], tuple[int, int, int, int]]:
+    """(title, crop) of LR (nearest-upsampled, when kept) | bicubic | ours | GT, each titled with the
+    PSNR of the crop itself on the protocol's channel, and the crop's (x, y, w, h)."""
     y, x = choose_crop(showcase.ours, showcase.bicubic, crop_size)
     h, w = min(crop_size, showcase.gt.shape[0]), min(crop_size, showcase.gt.shape[1])
-    panels = [
-        (f"bicubic {showcase.bicubic_psnr:.2f} dB", showcase.bicubic),
-        (f"ours {showcase.psnr:.2f} dB", showcase.ours),
-        ("ground truth", showcase.gt),
-    ]
-    fig = Figure(figsize=(9, 3.4))
-    axes = fig.subplots(1, 3)
-    for ax, (title, img) in zip(axes, panels):
-        ax.imshow(img[y : y + h, x : x + w], interpolation="nearest")
+    gt = showcase.gt[y : y + h, x : x + w]
+    images = [("bicubic", showcase.bicubic), ("ours", showcase.ours)]
+    if showcase.lr is not None:
+        images.insert(0, ("LR (nearest)", nearest_upsample(showcase.lr, showcase.gt.shape)))
+    panels = [(f"{label} {psnr(img[y : y + h, x : x + w], gt, 0, result.y_channel):.2f} dB",
+               img[y : y + h, x : x + w]) for label, img in images]  # fmt: skip
+    return panels + [("ground truth", gt)], (x, y, w, h)
+
+
+def crops_figure(result: TestResult, showcase: Showcase, crop_size: int) -> Figure:
+    """LR | bicubic | ours | GT crops of the showcase frame where ours and bicubic differ most."""
+    panels, (x, y, w, h) = crop_panels(result, showcase, crop_size)
+    fig = Figure(figsize=(3 * len(panels), 3.4))
+    for ax, (title, img) in zip(fig.subplots(1, len(panels)), panels):
+        ax.imshow(img, interpolation="nearest")
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
-    fig.suptitle(f"{result.name} {showcase.clip}/{showcase.frame}, crop at ({x}, {y}) size {w}x{h}", fontsize=10)
+    channel = "Y" if result.y_channel else "RGB"
+    fig.suptitle(f"{result.name} {showcase.clip}/{showcase.frame}: crop at ({x}, {y}), {w}x{h}, "
+                 f"PSNR of the crop ({channel})", fontsize=10)  # fmt: skip
     fig.tight_layout()
-    return save_figure(fig, path)
+    return fig
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,12 +475,14 @@ def write_reports(
     train_logs: Sequence[Path] = (),
     crop_size: int | None = 128,
     baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    val_sets: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json, per_clip.csv, benchmark.md and plots/*.png under out_dir; returns them by name.
 
     train_logs: the trainer's metrics.jsonl files (missing files are an error; files without loss or
-    validation records just yield no curve). baselines: see baselines_markdown. crop_size: side of the crop figures in GT pixels
-    (None: no crop figures; results without a showcase frame get none either).
+    validation records just yield no curve). baselines: see baselines_markdown. crop_size: side of
+    the crop figures in GT pixels (None: no crop figures; results without a showcase frame get none
+    either). val_sets: stage -> the name of the set it validated on (titles and val.csv's `set`).
     """
     if not results:
         raise ValueError("no test results to report")
@@ -406,24 +494,22 @@ def write_reports(
             raise FileNotFoundError(f"{path}: training log not found")
 
     plots: list[Path] = []
-    for key, ylabel, log_y in (("loss", "training loss", True), ("val_psnr", "validation PSNR (dB)", False)):
-        name = "train_loss" if key == "loss" else "val_psnr"
-        p = plot_curve(list(train_logs), key, ylabel, plots_dir / f"{name}.png", log_y) if train_logs else None
-        if p is not None:
-            written[name] = p
-            plots.append(p)
+    figures: list[tuple[str, str, Figure | None]] = [
+        ("train_loss", "train_loss", train_loss_figure(train_logs)),
+        ("val_psnr", "val_psnr", val_figure(train_logs, val_sets or {})),
+    ]
     for name, r in results.items():
-        p = plot_per_clip(r, plots_dir / f"per_clip_{slug(name)}.png")
-        written[f"per_clip_{name}"] = p
-        plots.append(p)
+        figures.append((f"per_clip_{name}", f"per_clip_{slug(name)}", per_clip_figure(r)))
         if crop_size is not None and r.showcase is not None:
-            p = plot_crops(r, r.showcase, plots_dir / f"crops_{slug(name)}.png", crop_size)
-            written[f"crops_{name}"] = p
-            plots.append(p)
+            figures.append((f"crops_{name}", f"crops_{slug(name)}", crops_figure(r, r.showcase, crop_size)))
+    for key, stem, fig in figures:
+        if fig is not None:
+            written[key] = save_figure(fig, plots_dir / f"{stem}.png")
+            plots.append(written[key])
 
     atomic_write_json(out_dir / "metrics.json", metrics_dict(results, model_info))
     atomic_write_json(out_dir / "runtime.json", runtime_dict(results))
-    train_csv, val_csv = curves_csv(list(train_logs))
+    train_csv, val_csv = curves_csv(list(train_logs), val_sets or {})
     atomic_write_text(out_dir / "curves" / "train.csv", train_csv)
     atomic_write_text(out_dir / "curves" / "val.csv", val_csv)
     atomic_write_text(out_dir / "per_clip.csv", per_clip_csv(results))
@@ -442,9 +528,12 @@ __all__ = [
     "metrics_dict",
     "per_clip_csv",
     "runtime_dict",
-    "plot_crops",
-    "plot_curve",
-    "plot_per_clip",
+    "crop_panels",
+    "crops_figure",
+    "logged_steps",
+    "per_clip_figure",
+    "train_loss_figure",
+    "val_figure",
     "read_train_log",
     "slug",
     "write_reports",

@@ -74,14 +74,16 @@ def run_evaluation(
     info: Mapping[str, Any] | None = None,
     progress: bool = True,
     baselines: Mapping[str, Mapping[str, Any]] | None = None,
+    val_sets: Mapping[str, str] | None = None,
 ) -> dict[str, TestResult]:
     """select_sets + evaluate_sets + write_reports; `info` adds to the model facts in the reports,
-    `baselines` (reports/baselines.json) go beside our scores in benchmark.md."""
+    `baselines` (reports/baselines.json) go beside our scores in benchmark.md, `val_sets` (stage ->
+    validation set name) title the validation curves."""
     sets = select_sets(available, cfg.sets)
     results = evaluate_sets(model, sets, cfg, progress=progress)
     facts = {**model_info(model), **dict(info or {})}
     write_reports(results, out_dir, model_info=facts, train_logs=train_logs, crop_size=cfg.crop_size,
-                  baselines=baselines)
+                  baselines=baselines, val_sets=val_sets)
     return results
 
 
