@@ -186,7 +186,8 @@ def _log_evaluation(target: TrackingTarget, p: Params, info: dict[str, str], out
     metrics = {f"{name}.{key}": float(v) for name, row in scores.items() for key, v in row.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
     params = {**flat_params("eval", to_mapping(p.eval)), **info}
-    names = ("metrics.json", "benchmark.md", "per_clip.csv", "runtime.json", "plots", "curves")  # those written
+    names = ("metrics.json", "benchmark.md", "per_clip.csv", "per_frame.csv", "runtime.json", "plots", "curves",
+             "videos")  # those written
     artifacts = tuple(out / n for n in names)
     return log_finished_run(target, "evaluate", params=params, metrics=metrics, artifacts=artifacts,
                             tags={"profile": p.data.profile})  # fmt: skip

@@ -17,6 +17,7 @@ from gsm.eval.report import (
     choose_crop,
     crops_figure,
     per_clip_figure,
+    per_frame_figure,
     read_train_log,
     slug,
     train_loss_figure,
@@ -72,13 +73,15 @@ def test_write_reports_files_and_numbers(tmp_path: Path, results: dict[str, Test
                             train_logs=_logs(tmp_path), crop_size=16)  # fmt: skip
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == [
-        "benchmark.md", "curves/train.csv", "curves/val.csv", "metrics.json", "per_clip.csv",
+        "benchmark.md", "curves/train.csv", "curves/val.csv", "metrics.json", "per_clip.csv", "per_frame.csv",
         "plots/crops_reds4.png", "plots/per_clip_quickstart-vimeo.png", "plots/per_clip_reds4.png",
+        "plots/per_frame_quickstart-vimeo.png", "plots/per_frame_reds4.png",
         "plots/train_loss.png", "plots/val_psnr.png", "runtime.json",
     ]  # fmt: skip — no temporaries left behind, and no crops for a result without a showcase
-    assert set(written) == {"metrics", "per_clip", "benchmark", "train_loss", "val_psnr", "per_clip_REDS4",
-                            "per_clip_quickstart-Vimeo", "crops_REDS4", "runtime", "train_curve",
-                            "val_curve"}  # fmt: skip
+    assert set(written) == {"metrics", "per_clip", "per_frame", "benchmark", "train_loss", "val_psnr",
+                            "per_clip_REDS4", "per_clip_quickstart-Vimeo", "per_frame_REDS4",
+                            "per_frame_quickstart-Vimeo", "crops_REDS4", "runtime", "train_curve",
+                            "val_curve"}  # fmt: skip — no videos: these results keep no frames
     for p in (out / "plots").iterdir():
         data = p.read_bytes()
         assert data.startswith(PNG) and len(data) > 2000, p
@@ -214,3 +217,39 @@ def test_crops_show_lr_and_each_crops_own_psnr() -> None:
                       f"ours {psnr(ours[crop], gt[crop], 0, True):.2f} dB", "ground truth"]  # fmt: skip
     assert "99.00" not in " ".join(titles)  # not the whole frame's PSNR
     assert fig.axes[0].get_images()[0].get_array().shape == (16, 16, 3)
+
+
+def test_per_frame_csv_and_plot(tmp_path: Path, results: dict[str, TestResult]) -> None:
+    write_reports(results, tmp_path, model_info={}, crop_size=None)
+    rows = list(csv.DictReader((tmp_path / "per_frame.csv").open()))
+    assert list(rows[0]) == ["set", "clip", "frame", "psnr", "bicubic_psnr"]
+    assert [(r["set"], r["clip"], r["frame"], float(r["psnr"]), float(r["bicubic_psnr"])) for r in rows] == [
+        ("REDS4", "000", "00000000", 30.0, 26.0), ("REDS4", "000", "00000001", 32.0, 26.0),
+        ("REDS4", "011", "00000000", 28.0, 25.0),
+        ("quickstart-Vimeo", "00001/0001", "00000000", 35.0, 31.0)]  # fmt: skip
+    ax = per_frame_figure(results["REDS4"]).axes[0]
+    bic, ours = ax.get_lines()[:2]
+    assert (bic.get_label(), list(bic.get_ydata())) == ("bicubic", [26.0, 26.0, 25.0])
+    assert (ours.get_label(), list(ours.get_ydata())) == ("ours", [30.0, 32.0, 28.0])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["000", "011"]  # each clip named at its first frame
+    assert list(ax.get_xticks()) == [0, 2] and ax.get_title() == "REDS4: PSNR per frame"
+
+
+def test_side_by_side_video(tmp_path: Path) -> None:
+    """H.264 yuv420p, bicubic | ours | GT across, one video frame per kept frame, a few seconds, small."""
+    import av
+
+    frames = tuple(tuple(np.full((36, 64, 3), v, np.uint8) for v in (40, 128, 220)) for _ in range(12))
+    r = _result("quickstart-REDS", "vid4", [("005", [30.0], [28.0])], showcase=False)
+    r = TestResult(r.name, r.protocol, r.y_channel, 0, r.clips, 1.0, None, frames)
+    written = write_reports({"quickstart-REDS": r}, tmp_path, model_info={}, crop_size=None)
+    path = tmp_path / "videos" / "quickstart-reds.mp4"
+    assert written["video_quickstart-REDS"] == path and path.stat().st_size < 2_000_000
+    with av.open(str(path)) as c:
+        v = c.streams.video[0]
+        assert (v.codec_context.name, v.codec_context.pix_fmt, v.width, v.height) == ("h264", "yuv420p", 192, 36)
+        decoded = [f.to_ndarray(format="rgb24") for f in c.decode(v)]
+        assert len(decoded) == 12 and float(v.average_rate) == 4.0  # 12 frames over 3 s
+    below_labels = decoded[5][24:]
+    means = [below_labels[:, i : i + 64].mean() for i in (0, 64, 128)]
+    assert means == pytest.approx([40, 128, 220], abs=3)  # bicubic | ours | GT, through limited-range YUV

@@ -131,6 +131,8 @@ class TestResult:
     clips: tuple[ClipResult, ...]
     seconds: float  # wall time of model inference (tiling and chunking included), scoring excluded
     showcase: Showcase | None = field(default=None, compare=False)
+    # (bicubic, ours, GT) centre crops of the first scored frames, for the side-by-side video
+    video: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = field(default=(), compare=False)
 
     @property
     def frames(self) -> int:
@@ -155,6 +157,15 @@ class TestResult:
 
 # --------------------------------------------------------------------------------------------------
 # Inference
+
+VIDEO_CROP = (360, 640)  # (h, w) at most of each video panel: a small file, and memory for 48 frames
+
+
+def centre_crop(img: np.ndarray, size: tuple[int, int] = VIDEO_CROP) -> np.ndarray:
+    """The centred window of at most `size`, even-sized (H.264 yuv420p needs even sides)."""
+    h, w = (min(size[0], img.shape[0]) // 2 * 2), (min(size[1], img.shape[1]) // 2 * 2)
+    y, x = (img.shape[0] - h) // 2, (img.shape[1] - w) // 2
+    return img[y : y + h, x : x + w].copy()
 
 
 def to_uint8(x: Tensor) -> np.ndarray:
@@ -234,12 +245,15 @@ def evaluate_model(
     keep: bool = True,
     bicubic: bool = True,
     max_clips: int | None = None,
+    video_frames: int = 0,
 ) -> TestResult:
     """Score `model` (already on `device`) on `test_set`, and the bicubic baseline on the same frames.
 
     keep: retain the scored frame where ours beats bicubic by the most PSNR (the first such frame
     on ties) for the side-by-side figure; it needs the baseline, so nothing is kept without it.
     bicubic=False skips the baseline (faster validation). max_clips: score only the first clips.
+    video_frames: keep centre crops (bicubic, ours, GT) of the first that many scored frames of the
+    set, in order, for a side-by-side video (needs the baseline too).
     The model is put in eval mode for the run and its training flag restored afterwards.
     """
     ds = test_set.dataset
@@ -254,6 +268,7 @@ def evaluate_model(
                             chunk_overlap=chunk_overlap, device=device)  # fmt: skip
 
     clips: list[ClipResult] = []
+    video: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     best: Showcase | None = None
     best_gain = -float("inf")
     seconds = 0.0
@@ -289,6 +304,8 @@ def evaluate_model(
                     if keep and (best is None or p - bp > best_gain):
                         best_gain = p - bp
                         best = Showcase(name, frame_names[k], bic, ours, gt[k].copy(), p, bp, lq_u8[k].copy())
+                    if len(video) < video_frames:
+                        video.append((centre_crop(bic), centre_crop(ours), centre_crop(gt[k])))
                 bar.update(1)
                 bar.set_postfix(clip=name, psnr=f"{p:.2f}")
             clips.append(ClipResult(
@@ -298,7 +315,7 @@ def evaluate_model(
     finally:
         bar.close()
         model.train(was_training)
-    return TestResult(test_set.name, test_set.protocol, y, border, tuple(clips), seconds, best)
+    return TestResult(test_set.name, test_set.protocol, y, border, tuple(clips), seconds, best, tuple(video))
 
 
 def make_validator(

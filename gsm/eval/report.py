@@ -8,6 +8,10 @@
 * ``curves/train.csv`` (step, stage, iter, loss, lr) and ``curves/val.csv`` (step, stage, set, iter,
   val_*): the training logs as DVC plot data; `step` counts on across stages.
 * ``per_clip.csv``: test_set, clip, frames, psnr, ssim, bicubic_psnr, bicubic_ssim.
+* ``per_frame.csv``: set, clip, frame, psnr, bicubic_psnr, every scored frame (a clip mean hides
+  the frames where the model fails, e.g. at the start before propagation has context); drawn in
+  ``plots/per_frame_<set>.png``.
+* ``videos/<set>.mp4``: bicubic | ours | GT over the first scored frames (gsm.eval.video).
 * ``benchmark.md``: this run's numbers, then the SPEC 5 table of published numbers with ours and
   bicubic beside them, then the plots.
 * ``plots/``: ``train_loss.png`` (all stages on one continuing iteration axis) and ``val_psnr.png``
@@ -38,6 +42,7 @@ from matplotlib.figure import Figure
 
 from gsm.eval.metrics import psnr
 from gsm.eval.protocols import Showcase, TestResult
+from gsm.eval.video import write_side_by_side
 from gsm.io import atomic_write_json, atomic_write_text
 
 # SPEC 5: published x4 BI numbers (PSNR / SSIM) and sizes. None = not given in SPEC 5 (see the paper).
@@ -126,6 +131,19 @@ def per_clip_csv(results: Mapping[str, TestResult]) -> str:
         for c in r.clips:
             writer.writerow([name, c.clip, len(c.frames), f"{c.mean_psnr:.4f}", f"{c.mean_ssim:.6f}",
                              f"{c.mean_bicubic_psnr:.4f}", f"{c.mean_bicubic_ssim:.6f}"])  # fmt: skip
+    return buf.getvalue()
+
+
+def per_frame_csv(results: Mapping[str, TestResult]) -> str:
+    """One row per scored frame of every test set, ours and bicubic (empty without the baseline)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["set", "clip", "frame", "psnr", "bicubic_psnr"])
+    for name, r in results.items():
+        for c in r.clips:
+            bic = c.bicubic_psnr or (math.nan,) * len(c.frames)
+            for frame, p, b in zip(c.frames, c.psnr, bic):
+                writer.writerow([name, c.clip, frame, f"{p:.4f}", f"{b:.4f}" if math.isfinite(b) else ""])
     return buf.getvalue()
 
 
@@ -408,6 +426,37 @@ def _gain_histogram(result: TestResult) -> Figure:
     return fig
 
 
+def per_frame_figure(result: TestResult) -> Figure:
+    """PSNR of every scored frame along the test set, ours and bicubic, clips in order and
+    separated by dotted lines: where along a clip the model gains, and where it does not."""
+    ours, bic, starts = [], [], []
+    for c in result.clips:
+        starts.append(len(ours))
+        ours += list(c.psnr)
+        bic += list(c.bicubic_psnr or (math.nan,) * len(c.psnr))
+    x = np.arange(len(ours))
+    fig = Figure(figsize=(min(12.0, 5.0 + 0.05 * len(x)), 3.8))
+    ax = fig.subplots()
+    marker = "o" if len(x) <= 60 else None
+    ax.plot(x, bic, marker=marker, markersize=3, label="bicubic")
+    ax.plot(x, ours, marker=marker, markersize=3, label="ours")
+    for s in starts[1:]:
+        ax.axvline(s - 0.5, color="0.6", linestyle=":", linewidth=1)
+    if len(result.clips) == 1:
+        ax.set_xlabel(f"frame of clip {result.clips[0].clip} (scored frames, in order)")
+    elif len(result.clips) <= 12:  # clip names at their first frame, while they fit
+        ax.set_xticks(starts, [c.clip for c in result.clips], rotation=30, ha="right", fontsize=8)
+        ax.set_xlabel("scored frames, clip by clip (ticks: each clip's first)")
+    else:
+        ax.set_xlabel(f"scored frames of {len(result.clips)} clips, in order")
+    ax.set_ylabel(f"PSNR (dB, {'Y' if result.y_channel else 'RGB'})")
+    ax.set_title(f"{result.name}: PSNR per frame")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
 def choose_crop(ours: np.ndarray, bicubic: np.ndarray, size: int) -> tuple[int, int]:
     """Top-left (y, x) of the size x size window where ours and bicubic differ most (first on ties).
 
@@ -477,7 +526,7 @@ def write_reports(
     baselines: Mapping[str, Mapping[str, Any]] | None = None,
     val_sets: Mapping[str, str] | None = None,
 ) -> dict[str, Path]:
-    """Write metrics.json, per_clip.csv, benchmark.md and plots/*.png under out_dir; returns them by name.
+    """Write the files of the module docstring under out_dir; returns them by name.
 
     train_logs: the trainer's metrics.jsonl files (missing files are an error; files without loss or
     validation records just yield no curve). baselines: see baselines_markdown. crop_size: side of
@@ -500,6 +549,7 @@ def write_reports(
     ]
     for name, r in results.items():
         figures.append((f"per_clip_{name}", f"per_clip_{slug(name)}", per_clip_figure(r)))
+        figures.append((f"per_frame_{name}", f"per_frame_{slug(name)}", per_frame_figure(r)))
         if crop_size is not None and r.showcase is not None:
             figures.append((f"crops_{name}", f"crops_{slug(name)}", crops_figure(r, r.showcase, crop_size)))
     for key, stem, fig in figures:
@@ -513,9 +563,14 @@ def write_reports(
     atomic_write_text(out_dir / "curves" / "train.csv", train_csv)
     atomic_write_text(out_dir / "curves" / "val.csv", val_csv)
     atomic_write_text(out_dir / "per_clip.csv", per_clip_csv(results))
+    atomic_write_text(out_dir / "per_frame.csv", per_frame_csv(results))
+    for name, r in results.items():
+        if r.video:
+            written[f"video_{name}"] = write_side_by_side(r.video, out_dir / "videos" / f"{slug(name)}.mp4")
     atomic_write_text(out_dir / "benchmark.md", benchmark_markdown(results, model_info, plots, out_dir, baselines))
     written.update(metrics=out_dir / "metrics.json", per_clip=out_dir / "per_clip.csv",
-                   benchmark=out_dir / "benchmark.md", runtime=out_dir / "runtime.json",
+                   per_frame=out_dir / "per_frame.csv", benchmark=out_dir / "benchmark.md",
+                   runtime=out_dir / "runtime.json",
                    train_curve=out_dir / "curves" / "train.csv", val_curve=out_dir / "curves" / "val.csv")  # fmt: skip
     return written
 
@@ -532,6 +587,8 @@ __all__ = [
     "crops_figure",
     "logged_steps",
     "per_clip_figure",
+    "per_frame_csv",
+    "per_frame_figure",
     "train_loss_figure",
     "val_figure",
     "read_train_log",

@@ -20,6 +20,8 @@ from gsm.eval.report import write_reports
 
 log = logging.getLogger(__name__)
 
+VIDEO_FRAMES = 48  # frames kept per test set for reports/videos/ (a few seconds, see report.video_fps)
+
 
 def select_sets(available: Sequence[TestSet], names: Sequence[str]) -> list[TestSet]:
     """The test sets named in `names` (in that order), or all of `available` when `names` is empty."""
@@ -57,7 +59,8 @@ def evaluate_sets(
     for ts in sets:
         r = evaluate_model(model, ts, tile=cfg.tile, tile_overlap=cfg.tile_overlap, chunk=cfg.chunk,
                            chunk_overlap=cfg.chunk_overlap, device=device, progress=progress,
-                           keep=True, bicubic=True, max_clips=cfg.max_clips)  # fmt: skip
+                           keep=True, bicubic=True, max_clips=cfg.max_clips,
+                           video_frames=VIDEO_FRAMES)  # fmt: skip
         log.info("%s: %.4f dB / %.4f (bicubic %.4f dB / %.4f) over %d frames",
                  ts.name, r.psnr, r.ssim, r.bicubic_psnr, r.bicubic_ssim, r.frames)  # fmt: skip
         results[ts.name] = r
