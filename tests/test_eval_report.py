@@ -111,11 +111,14 @@ def test_write_reports_files_and_numbers(tmp_path: Path, results: dict[str, Test
     assert float(rows[1]["ssim"]) == pytest.approx(0.7, abs=1e-6)
 
     md = (out / "benchmark.md").read_text()
-    assert "| REDS4 | reds4 | RGB (border 0) | 2 | 3 | 29.50 / 0.7375 | 25.50 / 0.6375 | +4.00 | 1.5 |" in md
+    assert "| REDS4 | RGB, every frame (REDS4) | 2 | 3 | 29.50 / 0.7375 | 25.50 / 0.6375 | +4.00 | 1.5 |" in md
+    assert "| quickstart-Vimeo | Y channel, centre frame (im4) | 1 | 1 |" in md
     assert "| GSM-VSR (ours, this run) | 29.50 / 0.7375 | not run | not run | 1.23M |" in md
     assert "| Bicubic (this run) | 25.50 / 0.6375 | not run | not run | - |" in md
-    assert "| IART | 32.90 / 0.9138 | 38.14 / 0.9528 | 28.26 / 0.8517 | ~13.4M |" in md
-    assert "| GSM (paper) | see paper | 38.25 / 0.9534 | see paper | 10.5M |" in md
+    iart = "| IART ([arXiv 2305.00163](https://arxiv.org/abs/2305.00163)) | 32.90 / 0.9138 | 38.14 / 0.9528 |"
+    assert iart in md and "measured here, on the test sets of the same name" in md
+    assert "| GSM (paper) ([arXiv 2510.00862](https://arxiv.org/abs/2510.00862)) | see paper | 38.25 / 0.9534 |" in md
+    assert "SPEC" not in md
     assert "![crops_reds4](plots/crops_reds4.png)" in md
 
 
@@ -127,7 +130,7 @@ def test_non_finite_scores_become_null(tmp_path: Path) -> None:
     assert m["test_sets"]["Vid4-BI"]["psnr"] is None and m["test_sets"]["Vid4-BI"]["psnr_gain"] is None
     assert m["test_sets"]["x"]["bicubic_psnr"] is None and m["test_sets"]["x"]["psnr"] == 30.0
     md = (tmp_path / "benchmark.md").read_text()
-    assert "| x | vid4 | Y (border 0) | 1 | 1 | 30.00 / 0.9000 | n/a | n/a |" in md
+    assert "| x | Y channel, every frame | 1 | 1 | 30.00 / 0.9000 | n/a | n/a |" in md
     assert not (tmp_path / "plots" / "train_loss.png").exists()
 
 
@@ -253,3 +256,16 @@ def test_side_by_side_video(tmp_path: Path) -> None:
     below_labels = decoded[5][24:]
     means = [below_labels[:, i : i + 64].mean() for i in (0, 64, 128)]
     assert means == pytest.approx([40, 128, 220], abs=3)  # bicubic | ours | GT, through limited-range YUV
+
+
+def test_benchmark_names_protocols_and_cites_papers(tmp_path: Path) -> None:
+    """Quickstart stand-ins only: no rows of "not run" beside the papers; every method cites its paper."""
+    r = _result("quickstart-REDS", "vid4", [("005", [33.0], [32.0])], showcase=False)
+    r = TestResult(r.name, r.protocol, True, 4, r.clips, 1.0)
+    write_reports({"quickstart-REDS": r}, tmp_path, model_info={}, crop_size=None)
+    md = (tmp_path / "benchmark.md").read_text()
+    assert "| quickstart-REDS | Y channel, every frame, 4 px border cropped | 1 | 1 |" in md
+    assert "| vid4 |" not in md and "not run" not in md and "this run evaluated none of these" in md.lower()
+    assert "SPEC" not in md
+    for arxiv in ("2510.00862", "2305.00163", "2206.02146", "2201.12288", "2104.13371"):
+        assert f"(https://arxiv.org/abs/{arxiv})" in md

@@ -12,8 +12,8 @@
   the frames where the model fails, e.g. at the start before propagation has context); drawn in
   ``plots/per_frame_<set>.png``.
 * ``videos/<set>.mp4``: bicubic | ours | GT over the first scored frames (gsm.eval.video).
-* ``benchmark.md``: this run's numbers, then the SPEC 5 table of published numbers with ours and
-  bicubic beside them, then the plots.
+* ``benchmark.md``: this run's numbers, then the papers' published numbers (each paper cited by its
+  arXiv id) with ours and bicubic beside them where we ran the same test set, then the plots.
 * ``plots/``: ``train_loss.png`` (all stages on one continuing iteration axis) and ``val_psnr.png``
   (one panel per validation set) from the trainer's metrics.jsonl files, ``per_clip_<set>.png``
   (ours vs bicubic PSNR per clip, horizontal bars) and ``crops_<set>.png`` (LR / bicubic / ours /
@@ -45,7 +45,8 @@ from gsm.eval.protocols import Showcase, TestResult
 from gsm.eval.video import write_side_by_side
 from gsm.io import atomic_write_json, atomic_write_text
 
-# SPEC 5: published x4 BI numbers (PSNR / SSIM) and sizes. None = not given in SPEC 5 (see the paper).
+# Published x4 BI numbers (PSNR / SSIM) and sizes, as each method's paper (PAPERS) reports them.
+# None = not copied here (read it in the paper).
 PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
     ("REDS4", "REDS4 (RGB)"),
     ("Vimeo-90K-T", "Vimeo-90K-T (Y)"),
@@ -58,6 +59,12 @@ PAPER_ROWS: tuple[tuple[str, dict[str, tuple[float, float] | None], str], ...] =
     ("VRT", {"REDS4": (32.19, 0.9006), "Vimeo-90K-T": (38.20, 0.9530), "Vid4-BI": (27.93, 0.8425)}, "35.6M"),
     ("BasicVSR++", {"REDS4": (32.39, 0.9069), "Vimeo-90K-T": (37.79, 0.9500), "Vid4-BI": (27.79, 0.8400)}, "7.3M"),
 )
+# arXiv ids of the papers the numbers come from: what a reader can look up (no internal spec).
+PAPERS: dict[str, str] = {"GSM (paper)": "2510.00862", "IART": "2305.00163", "RVRT": "2206.02146",
+                          "VRT": "2201.12288", "BasicVSR++": "2104.13371"}  # fmt: skip
+# Protocols as users know them: the channel scored and which frames (the code names are internal).
+PROTOCOL_TEXT: dict[str, str] = {"reds4": "RGB, every frame (REDS4)", "vimeo": "Y channel, centre frame (im4)",
+                                 "vid4": "Y channel, every frame"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -178,11 +185,56 @@ def baselines_markdown(results: Mapping[str, TestResult], baselines: Mapping[str
     return lines[:-1]
 
 
+def protocol_text(r: TestResult) -> str:
+    """How the set was scored, in users' words ("Y channel, every frame"), with any border crop."""
+    text = PROTOCOL_TEXT.get(r.protocol, f"{'Y channel' if r.y_channel else 'RGB'}, protocol {r.protocol}")
+    return f"{text}, {r.crop_border} px border cropped" if r.crop_border else text
+
+
+def _run_row(name: str, r: TestResult) -> str:
+    """The "This run" table row of one test set."""
+    gain = r.psnr - r.bicubic_psnr
+    gain_text = f"{gain:+.2f}" if math.isfinite(gain) else "n/a"
+    return (f"| {name} | {protocol_text(r)} | {len(r.clips)} | {r.frames} | {_fmt(r.psnr, r.ssim)} "
+            f"| {_fmt(r.bicubic_psnr, r.bicubic_ssim)} | {gain_text} | {r.seconds:.1f} |")  # fmt: skip
+
+
+def _paper_link(method: str) -> str:
+    arxiv = PAPERS.get(method)
+    return f"{method} ([arXiv {arxiv}](https://arxiv.org/abs/{arxiv}))" if arxiv else method
+
+
+def papers_markdown(results: Mapping[str, TestResult], model_info: Mapping[str, Any]) -> list[str]:
+    """The published numbers, each method linked to its paper; our and bicubic's rows only when this
+    run evaluated one of the papers' test sets (rows of "not run" alone tell nothing)."""
+    ran = [k for k, _ in PAPER_COLUMNS if k in results]
+    lines = ["", "## Beside the papers", "",
+             "Published x4 (bicubic degradation) numbers, PSNR / SSIM, as each paper reports them; "
+             "*see paper* marks a number not copied here."]  # fmt: skip
+    if ran:
+        lines[-1] += " The *this run* rows are measured here, on the test sets of the same name."
+    else:
+        lines[-1] += (" This run evaluated none of these test sets (the quickstart's are stand-ins), so its "
+                      "scores appear only above.")  # fmt: skip
+    lines += ["", "| method | " + " | ".join(title for _, title in PAPER_COLUMNS) + " | params |",
+              "|---|" + "---|" * len(PAPER_COLUMNS) + "---|"]  # fmt: skip
+    if ran:
+        ours = [_fmt(results[k].psnr, results[k].ssim) if k in results else "not run" for k, _ in PAPER_COLUMNS]
+        bic = [_fmt(results[k].bicubic_psnr, results[k].bicubic_ssim) if k in results else "not run"
+               for k, _ in PAPER_COLUMNS]  # fmt: skip
+        lines.append(f"| GSM-VSR (ours, this run) | {' | '.join(ours)} | {_params_text(model_info)} |")
+        lines.append(f"| Bicubic (this run) | {' | '.join(bic)} | - |")
+    for method, numbers, params in PAPER_ROWS:
+        cells = [f"{v[0]:.2f} / {v[1]:.4f}" if (v := numbers[k]) else "see paper" for k, _ in PAPER_COLUMNS]
+        lines.append(f"| {_paper_link(method)} | {' | '.join(cells)} | {params} |")
+    return lines
+
+
 def benchmark_markdown(
     results: Mapping[str, TestResult], model_info: Mapping[str, Any], plots: Sequence[Path], out_dir: Path,
     baselines: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """benchmark.md: this run, the baselines trained here, the SPEC 5 comparison, the plots."""
+    """benchmark.md: this run, the baselines trained here, the papers' numbers, the plots."""
     lines = ["# Benchmark (x4 video super-resolution)", ""]
     if model_info:
         lines += ["## Model", ""]
@@ -194,40 +246,12 @@ def benchmark_markdown(
         "PSNR / SSIM on uint8 frames (float64, peak 255, crop border as listed); per frame -> per clip "
         "-> mean over clips. Bicubic is MATLAB `imresize(lr, 4, 'bicubic')` on the same frames.",
         "",
-        "| test set | protocol | channel | clips | frames | ours | bicubic | gain (dB) | inference s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| test set | scored on | clips | frames | ours | bicubic | gain (dB) | inference s |",
+        "|---|---|---|---|---|---|---|---|",
     ]
-    for name, r in results.items():
-        gain = r.psnr - r.bicubic_psnr
-        gain_text = f"{gain:+.2f}" if math.isfinite(gain) else "n/a"
-        lines.append(
-            f"| {name} | {r.protocol} | {'Y' if r.y_channel else 'RGB'} (border {r.crop_border}) | {len(r.clips)} "
-            f"| {r.frames} | {_fmt(r.psnr, r.ssim)} | {_fmt(r.bicubic_psnr, r.bicubic_ssim)} "
-            f"| {gain_text} | {r.seconds:.1f} |"
-        )
+    lines += [_run_row(name, r) for name, r in results.items()]
     lines += baselines_markdown(results, baselines or {})
-    header = "| method | " + " | ".join(title for _, title in PAPER_COLUMNS) + " | params |"
-    lines += [
-        "",
-        "## Beside the papers",
-        "",
-        "Only the two *this run* rows are measured here. The GSM (paper) row and the other methods' rows "
-        "are published numbers (SPEC section 5: GSM from arXiv 2510.00862, the others as their own papers "
-        "report them); *see paper* marks a number SPEC 5 does not give. Our rows fill a column only when a "
-        "test set of exactly that name was evaluated; quickstart stand-ins are not the papers' test sets "
-        "and appear only above.",
-        "",
-        header,
-        "|---|" + "---|" * len(PAPER_COLUMNS) + "---|",
-    ]
-    ours = [_fmt(results[k].psnr, results[k].ssim) if k in results else "not run" for k, _ in PAPER_COLUMNS]
-    bic = [_fmt(results[k].bicubic_psnr, results[k].bicubic_ssim) if k in results else "not run"
-           for k, _ in PAPER_COLUMNS]  # fmt: skip
-    lines.append(f"| GSM-VSR (ours, this run) | {' | '.join(ours)} | {_params_text(model_info)} |")
-    lines.append(f"| Bicubic (this run) | {' | '.join(bic)} | - |")
-    for method, numbers, params in PAPER_ROWS:
-        cells = [f"{v[0]:.2f} / {v[1]:.4f}" if (v := numbers[k]) else "see paper" for k, _ in PAPER_COLUMNS]
-        lines.append(f"| {method} | {' | '.join(cells)} | {params} |")
+    lines += papers_markdown(results, model_info)
     lines += ["", "## Plots", ""]
     if plots:
         for p in plots:
