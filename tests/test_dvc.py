@@ -223,13 +223,13 @@ def test_register_outputs_are_never_restored_from_the_run_cache(tmp_path: Path, 
     registry's state), not v1 brought back by the run-cache. `fixed=False` strips `persist` to show
     that the toy does reproduce the bug."""
     register = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["register"]
-    metrics = [{k: {o: v for o, v in opts.items() if fixed or o != "persist"} for k, opts in m.items()}
-               for m in register["metrics"]]  # fmt: skip
+    outs = [{k: {o: v for o, v in opts.items() if fixed or o != "persist"} for k, opts in m.items()}
+            for m in register["outs"]]  # fmt: skip
     root, store = tmp_path / "repo", tmp_path / "registry.txt"
     root.mkdir()
     (root / "register.py").write_text(_REGISTER)
     stage = {"cmd": f"{sys.executable} register.py {store}", "deps": ["register.py"], "params": ["x"],
-             "metrics": metrics, "outs": register.get("outs", [])}  # fmt: skip
+             "metrics": register.get("metrics", []), "outs": outs}  # fmt: skip
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"register": stage}}))
     p = Project(root)
     p.run("dvc", "init", "--no-scm", "-q")

@@ -269,3 +269,19 @@ def test_benchmark_names_protocols_and_cites_papers(tmp_path: Path) -> None:
     assert "SPEC" not in md
     for arxiv in ("2510.00862", "2305.00163", "2206.02146", "2201.12288", "2104.13371"):
         assert f"(https://arxiv.org/abs/{arxiv})" in md
+
+
+def test_dvc_yaml_metrics_are_scores_only() -> None:
+    """`dvc metrics show` reads only score files; sizes, timings and registry state are plain outputs
+    (never cached), the registry's still persisted so DVC's run-cache never brings an old one back."""
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    metrics = {next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
+    assert metrics == {"reports/metrics.json", "reports/flow_init.json"}
+    outs = {k: v for s in stages.values() for o in s.get("outs", []) if isinstance(o, dict) for k, v in o.items()}
+    for path in ("reports/model.json", "reports/runtime.json", "reports/per_frame.csv", "reports/videos"):
+        assert outs[path] == {"cache": False}, path
+    assert outs["reports/registry.json"] == {"cache": False, "persist": True}
+    assert "dvc_plots/" in (root / ".gitignore").read_text().splitlines()
