@@ -233,8 +233,8 @@ def test_a_new_version_s_description_is_its_model_card(project: Project) -> None
     card = _client(project.uri).get_model_version("carded", str(r.version)).description
     head = "| test set | protocol | clips | frames | PSNR (dB) | SSIM | bicubic PSNR | bicubic SSIM | gain (dB) |"
     assert head in card
-    assert "| quickstart-REDS | vid4 (Y, every frame) | - | - | 31.25 | 0.8000 | 29.00 | - | +2.25 |" in card
-    assert "| quickstart-Vimeo | vimeo (Y, centre frame) |" in card
+    assert "| quickstart-REDS | Y channel, every frame | - | - | 31.25 | 0.8000 | 29.00 | - | +2.25 |" in card
+    assert "| quickstart-Vimeo | Y channel, centre frame (im4) |" in card
     assert "**Intended use:** a demonstration" in card and "- data profile: `quickstart`" in card
     assert f"stage `{load_checkpoint(ckpt)['stage']}`" in card
     head_commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gsm.eval.report import PROTOCOL_TEXT
 from gsm.params import Params, params_yaml
 from gsm.train.checkpoint import NON_STRUCTURAL
 
@@ -30,7 +31,6 @@ PROFILES = {
               "x4 super-resolution of bicubically downsampled (BI) video, as benchmarked on REDS4, "
               "Vimeo-90K-T and Vid4"),
 }  # fmt: skip
-CHANNELS = {"reds4": "RGB, every frame", "vimeo": "Y, centre frame", "vid4": "Y, every frame"}
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def _scores(f: CardFacts) -> str:
             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for name, s in sorted((f.metrics.get("test_sets") or {}).items()):
         proto = f.protocols.get(name)
-        where = f"{proto} ({CHANNELS.get(proto, '?')})" if proto else "?"
+        where = PROTOCOL_TEXT.get(proto, proto) if proto else "?"
         rows.append(f"| {name} | {where} | {_num(s, 'clips', 0)} | {_num(s, 'frames', 0)} | {_num(s, 'psnr', 2)} | "
                     f"{_num(s, 'ssim', 4)} | {_num(s, 'bicubic_psnr', 2)} | {_num(s, 'bicubic_ssim', 4)} | "
                     f"{_num(s, 'psnr_gain', 2, sign=True)} |")  # fmt: skip
