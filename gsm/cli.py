@@ -16,7 +16,7 @@ from typer.core import TyperGroup
 
 # `gsm --help` lists the commands in the order a run uses them (typer lists them as defined).
 PIPELINE_ORDER = ("prepare", "download", "degrade", "pack", "flow-init", "train", "evaluate", "register",
-                  "model-report", "upscale", "info")
+                  "model-report", "pipeline-run", "upscale", "info")
 
 
 def _untyped_flags(params: list[Any]) -> list[Any]:

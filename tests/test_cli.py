@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from gsm.cli import app
 
 PIPELINE = ["prepare", "download", "degrade", "pack", "flow-init", "train", "evaluate", "register",
-            "model-report", "upscale", "info"]  # fmt: skip
+            "model-report", "pipeline-run", "upscale", "info"]  # fmt: skip
 
 
 def _help(*args: str) -> str:
