@@ -1,7 +1,7 @@
 """The plain 3-frame CNN baseline, trained like the quickstart GSM and scored beside it.
 
     .venv/bin/python benchmarks/plain_cnn.py [--params params.yaml] [--runs runs/quickstart]
-        [--out reports] [--calibrate 10]
+        [--out reports] [--calibrate 60]
 
 Same trainer (gsm.train.trainer), same data, same recipe per stage (batch, clip length, patch, lr
 schedule, EMA), same wall-clock: each stage gets as many iterations as fit in the time the GSM run
@@ -15,6 +15,7 @@ ours and bicubic; rerun `dvc repro` afterwards) and <out>/baselines.md.
 from __future__ import annotations
 
 import argparse
+import statistics
 import datetime as dt
 import json
 import platform
@@ -43,6 +44,7 @@ from gsm.train.config import STAGES  # noqa: E402
 from gsm.train.trainer import train_stage  # noqa: E402
 
 NAME = "plain_cnn"
+WARMUP = 10  # calibration steps left out of the step time
 TITLE = "Plain 3-frame CNN (6 residual blocks, 32 channels)"
 
 
@@ -72,9 +74,13 @@ def _train(p: Params, stage: str, iters: int, out: Path, init: Path | None) -> P
 
 
 def _seconds_per_iter(log: Path) -> float:
+    """Median step time, skipping the first steps: allocator and oneDNN warm-up made a mean over 10
+    steps 2.5x the steady rate (2026-11-30), which gave the CNN 40% of the GSM's wall-clock."""
     times = _iteration_times(log)
-    # Skip the first iteration (allocator and oneDNN warm-up), as the long run amortises it.
-    return (times[-1] - times[0]) / max(1, len(times) - 1)
+    steps = [b - a for a, b in zip(times, times[1:])]
+    if not steps:
+        raise ValueError(f"{log}: too few iterations to time; raise --calibrate")
+    return statistics.median(steps[min(WARMUP, len(steps) // 2):])
 
 
 def _score(p: Params, checkpoint: Path) -> dict[str, Any]:
@@ -158,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--runs", type=Path, default=None, help="the GSM run to match (default runs/<profile>)")
     ap.add_argument("--out", type=Path, default=Path("reports"))
-    ap.add_argument("--calibrate", type=int, default=10, help="iterations timed to size each stage")
+    ap.add_argument("--calibrate", type=int, default=60,
+                    help="iterations run to time a step (the median step after the first 10)")
     a = ap.parse_args(argv)
     try:
         runs = a.runs or Path("runs") / load_params(a.params).data.profile
