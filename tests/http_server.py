@@ -6,8 +6,10 @@ it yields a started ``LoopbackServer`` and stops it when the test ends.
 
 from __future__ import annotations
 
+import io
 import re
 import socket
+import zipfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -155,3 +157,12 @@ def hang_up_server() -> tuple[socket.socket, int]:
 
     threading.Thread(target=serve, daemon=True).start()
     return srv, srv.getsockname()[1]
+
+
+def zip_bytes(members: dict[str, bytes]) -> bytes:
+    """A zip archive of `members` (name -> bytes), in memory, for a loopback server to serve."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()

@@ -220,16 +220,18 @@ pathlib.Path("reports/registry.json").write_text(json.dumps({"champion": best}))
 def test_register_outputs_are_never_restored_from_the_run_cache(tmp_path: Path, fixed: bool) -> None:
     """The issue's sequence on a toy stage with the register stage's outputs as dvc.yaml declares
     them: v1, then v2 takes over, then the param goes back; registry.json must still say v2 (the
-    registry's state), not v1 brought back by the run-cache. `fixed=False` strips `persist` to show
-    that the toy does reproduce the bug."""
+    registry's state), not v1 brought back by the run-cache. `fixed=False` declares registry.json as
+    it was when the bug was seen (a `cache: false` metric, which DVC still run-caches) to show that
+    the toy does reproduce it."""
     register = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["register"]
-    outs = [{k: {o: v for o, v in opts.items() if fixed or o != "persist"} for k, opts in m.items()}
-            for m in register["outs"]]  # fmt: skip
+    declared = {"metrics": register.get("metrics", []), "outs": register.get("outs", [])}
+    if not fixed:
+        declared = {"metrics": [{"reports/registry.json": {"cache": False}}], "outs": []}
     root, store = tmp_path / "repo", tmp_path / "registry.txt"
     root.mkdir()
     (root / "register.py").write_text(_REGISTER)
     stage = {"cmd": f"{sys.executable} register.py {store}", "deps": ["register.py"], "params": ["x"],
-             "metrics": register.get("metrics", []), "outs": outs}  # fmt: skip
+             **{k: v for k, v in declared.items() if v}}  # fmt: skip
     (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"register": stage}}))
     p = Project(root)
     p.run("dvc", "init", "--no-scm", "-q")

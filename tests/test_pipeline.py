@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 from http_server import LoopbackServer, http_server  # noqa: F401 - fixture
-from test_prepare import _archives
+from test_prepare import TOY, _archives
 from typer.testing import CliRunner
 
 from gsm.cli import app
@@ -34,7 +34,7 @@ def _params(tmp: Path, server: LoopbackServer) -> Path:
         "model": TINY_MODEL,
         "train": {"device": "cpu", "reds": {**STAGE, "num_frames": 2}, "vimeo": STAGE},
         "eval": {"device": "cpu", "sets": ["REDS4", "Vimeo-90K-T", "Vid4-BI"], "max_clips": 1, "crop_size": 16},
-        "data": {"profile": "paper", "root": str(tmp / "data"), "workers": 1},
+        "data": {"profile": "paper", "root": str(tmp / "data"), "workers": 1, "paper": TOY},
         "sources": {k: {"url": server.url(v)} for k, v in names.items()},
         "mlflow": {"tracking_uri": f"sqlite:///{tmp / 'mlflow.db'}"},  # never the repo's mlflow.db
     }

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-import io
-import zipfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from http_server import LoopbackServer, http_server  # noqa: F401 - fixture
+from http_server import LoopbackServer, http_server, zip_bytes  # noqa: F401 - fixture
 
 from gsm.data.catalog import eval_sets, train_stores
 from gsm.data.datasets import REDS4_CLIPS, VID4_CLIPS
@@ -26,14 +24,6 @@ def _png(rng: np.random.Generator, h: int, w: int) -> bytes:
     return buf.tobytes()
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 # REDS4 (000, 011, 015, 020) and two val clips: the smallest REDS the paper profile accepts.
 TOY = {"reds_train_clips": 21, "reds_val_clips": 2, "vid4_shrink": 4}  # Vid4 at 1/4 size
 
@@ -45,14 +35,14 @@ def _archives(n_train: int = 21, n_val: int = 2) -> dict[str, bytes]:
     for split, n in (("train", n_train), ("val", n_val)):
         gt = {f"{split}/{split}_sharp/{c:03d}/{f:08d}.png": _png(rng, 16, 16) for c in range(n) for f in range(2)}
         lr = {f"{split}/{split}_sharp_bicubic/X4/{c:03d}/{f:08d}.png": _png(rng, 4, 4) for c in range(n) for f in range(2)}
-        files[f"{split}_sharp.zip"] = _zip(gt)
-        files[f"{split}_sharp_bicubic.zip"] = _zip(lr)
+        files[f"{split}_sharp.zip"] = zip_bytes(gt)
+        files[f"{split}_sharp_bicubic.zip"] = zip_bytes(lr)
     seqs = ["00001/0001", "00001/0002", "00002/0001"]
     vimeo = {f"vimeo_septuplet/sequences/{s}/im{i}.png": _png(rng, 16, 24) for s in seqs for i in range(1, 8)}
     vimeo["vimeo_septuplet/sep_trainlist.txt"] = b"00001/0001\n00001/0002\n"
     vimeo["vimeo_septuplet/sep_testlist.txt"] = b"00002/0001\n"
-    files["vimeo_septuplet.zip"] = _zip(vimeo)
-    files["Vid4.zip"] = _zip({f"Vid4/GT/{c}/{f:04d}.png": _png(rng, h // 4, w // 4)
+    files["vimeo_septuplet.zip"] = zip_bytes(vimeo)
+    files["Vid4.zip"] = zip_bytes({f"Vid4/GT/{c}/{f:04d}.png": _png(rng, h // 4, w // 4)
                               for c, (h, w) in VID4_SIZES.items() for f in range(3)})  # fmt: skip
     return files
 
@@ -171,9 +161,9 @@ def test_new_archive_is_extracted_again_and_a_broken_one_named(
     from gsm.data.sources import Source
 
     cfg = DataConfig(profile="paper", root=str(tmp_path))
-    good = _zip({"a.txt": b"new"})
-    http_server.files.update({"old/v.zip": _zip({"a.txt": b"old"}), "new/v2.zip": good,
-                              "fix/v2.zip": _zip({"a.txt": b"fixed"}), "cut/v3.zip": good[:-40]})  # fmt: skip
+    good = zip_bytes({"a.txt": b"new"})
+    http_server.files.update({"old/v.zip": zip_bytes({"a.txt": b"old"}), "new/v2.zip": good,
+                              "fix/v2.zip": zip_bytes({"a.txt": b"fixed"}), "cut/v3.zip": good[:-40]})  # fmt: skip
 
     def run(path: str, **kw: str) -> Path:
         return _fetch_extract(Source("vid4_gt", http_server.url(path), **kw), cfg, 0, False)  # type: ignore[arg-type]
@@ -209,8 +199,8 @@ def test_deleted_archive_keeps_its_recorded_extraction(
     from gsm.data.sources import Source
 
     cfg = DataConfig(profile="paper", root=str(tmp_path))
-    body = _zip({"a.txt": b"x"})
-    http_server.files.update({"v.zip": body, "mirror/v.zip": body, "w.zip": _zip({"a.txt": b"w"})})
+    body = zip_bytes({"a.txt": b"x"})
+    http_server.files.update({"v.zip": body, "mirror/v.zip": body, "w.zip": zip_bytes({"a.txt": b"w"})})
     sha = hashlib.sha256(body).hexdigest()
     src = Source("vid4_gt", http_server.url("v.zip"))
     raw = _fetch_extract(src, cfg, 0, False)
@@ -235,7 +225,7 @@ def test_gsm_download_saves_where_the_pipeline_looks(tmp_path: Path) -> None:
 
     mirror = tmp_path / "mirror" / "Vid4.zip"
     mirror.parent.mkdir()
-    mirror.write_bytes(_zip({"a.txt": b"x"}))
+    mirror.write_bytes(zip_bytes({"a.txt": b"x"}))
     raw = {"data": {"profile": "paper", "root": str(tmp_path / "data")}, "sources": {"vid4_gt": {"url": str(mirror)}}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     r = CliRunner().invoke(app, ["download", "vid4_gt", "--params", str(tmp_path / "params.yaml"), "--no-progress"])

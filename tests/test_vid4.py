@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import logging
-import zipfile
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-from http_server import LoopbackServer, http_server  # noqa: F401 - fixture
+from http_server import LoopbackServer, http_server, zip_bytes  # noqa: F401 - fixture
 
 from gsm.data.datasets import VID4_CLIPS
 from gsm.data.prepare import DataConfig, _download_vid4
@@ -97,19 +95,11 @@ def test_frame_sizes_are_checked(tmp_path: Path) -> None:
         check_vid4(layout.gt, {}, shrink=1)  # the real sizes by default
 
 
-def _archive(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w") as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 def test_download_uses_the_mirrors_lr_and_says_so(
     http_server: LoopbackServer, tmp_path: Path, caplog: pytest.LogCaptureFixture  # noqa: F811
 ) -> None:
-    http_server.files["Vid4.zip"] = _archive(MIRROR)
-    http_server.files["BDx4.zip"] = _archive(_frames("BDx4/", 4))
+    http_server.files["Vid4.zip"] = zip_bytes(MIRROR)
+    http_server.files["BDx4.zip"] = zip_bytes(_frames("BDx4/", 4))
     cfg = DataConfig.from_dict({"profile": "paper", "root": str(tmp_path), "paper": {"vid4_shrink": SHRINK}})
     sources = sources_from_dict({"vid4_gt": {"url": http_server.url("Vid4.zip")}})
     raw = cfg.source_dir / "raw"
