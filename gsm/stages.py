@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from gsm.data.catalog import eval_sets, train_stores
+from gsm.data.catalog import eval_sets, split_name, train_stores
 from gsm.data.prepare import read_manifest
 from gsm.eval.protocols import TestResult, make_validator
 from gsm.ops.backend import resolve_device
@@ -152,7 +152,7 @@ def evaluate(
     sets = [s for kind in ("reds", "vimeo", "vid4") if manifest.get(kind) for s in eval_sets(manifest, kind)]
     logs = [Path(runs) / s / "metrics.jsonl" for s in STAGES if (Path(runs) / s / "metrics.jsonl").is_file()]
     info = {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": p.data.profile}
-    val_sets = {s: eval_sets(manifest, s, split="val")[0].name for s in STAGES if manifest.get(s)}
+    val_sets = {s: split_name(manifest, s, "val") for s in STAGES if manifest.get(s)}  # type: ignore[arg-type]
     results = run_evaluation(model, sets, p.eval, out, train_logs=logs, info=info, progress=progress,
                              baselines=read_baselines(Path(out) / "baselines.json", manifest), val_sets=val_sets)
     target = tracking_target(p.mlflow, tracking_uri, parent_run_id)

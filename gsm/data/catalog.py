@@ -42,6 +42,19 @@ def train_stores(manifest: dict[str, Any], kind: Literal["reds", "vimeo"]) -> tu
     return gt, lr, entry
 
 
+def _split(entry: dict[str, Any], split: Literal["test", "val"]) -> tuple[list[str], str]:
+    """The clips of `split` and the set's name: the validation clips, "<test name> val", when the
+    data has them, else the test clips under the test name."""
+    if split == "val" and entry.get("val"):
+        return entry["val"], f"{entry.get('test_name')} val"
+    return entry.get("test", []), entry.get("test_name")
+
+
+def split_name(manifest: dict[str, Any], kind: Literal["reds", "vimeo"], split: Literal["test", "val"]) -> str:
+    """The name eval_sets gives `split` of `kind`, without opening any frames."""
+    return _split(_entry(manifest, kind), split)[1]
+
+
 def eval_sets(
     manifest: dict[str, Any], kind: Literal["reds", "vimeo", "vid4"], split: Literal["test", "val"] = "test"
 ) -> list[TestSet]:
@@ -53,10 +66,7 @@ def eval_sets(
     """
     backend = manifest.get("backend", "lmdb")
     entry = _entry(manifest, kind)
-    names = entry.get("test", [])
-    name = entry.get("test_name")
-    if split == "val" and entry.get("val"):
-        names, name = entry["val"], f"{name} val"
+    names, name = _split(entry, split)
     if kind == "reds":
         gt, lr = _stores(entry, backend)
         clips = clip_frames(_gt_source(entry, backend), names)

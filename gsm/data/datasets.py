@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gsm.data.images import FrameStore
+from gsm.data.images import FrameStore, close_store
 from gsm.data.reds import REDS4 as REDS4_CLIPS
 
 VID4_CLIPS: tuple[str, ...] = ("calendar", "city", "foliage", "walk")
@@ -84,10 +84,8 @@ class _PairedClipBase(Dataset[Sample]):
         """Fail at construction, not hours into training, on a bad scale pairing or a too-large patch."""
         lq, _ = load_pair(self.gt_store, self.lr_store, key, self.scale)
         self._check_patch_fits(key, lq.shape[0], lq.shape[1])
-        for store in (self.gt_store, self.lr_store):
-            close = getattr(store, "close", None)  # no handle left open in the parent that workers fork from
-            if callable(close):
-                close()
+        close_store(self.gt_store)
+        close_store(self.lr_store)
 
     def all_keys(self) -> list[str]:
         """Every frame key this dataset can load (what preloading must hold)."""

@@ -81,6 +81,14 @@ class FolderStore:
         return read_image(self.root / f"{key}{self.ext}")
 
 
+def close_store(store: FrameStore) -> None:
+    """Close a store's handle if it keeps one (LMDB): none is left open in a parent that workers fork
+    from, and a store replaced by its preloaded frames lets its file go."""
+    close = getattr(store, "close", None)
+    if callable(close):
+        close()
+
+
 class MemoryStore:
     """Frames decoded once and kept in memory: a small training set (the quickstart's) then costs a
     crop per sample instead of decoding a 1280x720 PNG, which on 2 cores competes with training."""

@@ -9,15 +9,15 @@ datasets draw crops and flips from (seed, epoch, index), so worker counts never 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 from torch.utils.data import Sampler
 from tqdm import tqdm
 
 from gsm.data.datasets import RecurrentClipDataset, SeptupletDataset
-from gsm.data.images import FrameStore, MemoryStore
+from gsm.data.images import FrameStore, MemoryStore, close_store
 from gsm.train.config import StageConfig
 
 
@@ -109,9 +109,7 @@ def preload(dataset: RecurrentClipDataset | SeptupletDataset, where: str, *, pro
     stores = []
     for name, store in (("GT", dataset.gt_store), ("LR", dataset.lr_store)):
         frames = {k: store.get(k) for k in tqdm(keys, desc=f"preload {name}", unit="frame", disable=not progress)}
-        close = getattr(store, "close", None)
-        if callable(close):
-            close()
+        close_store(store)
         stores.append(MemoryStore(frames))
     dataset.gt_store, dataset.lr_store = stores
     return sum(s.nbytes for s in stores)
