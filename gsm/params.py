@@ -25,6 +25,7 @@ class PrefectConfig:
     retrain_cron: str = "0 3 * * 1"  # when the `retrain` deployment runs (cron, in `timezone`)
     timezone: str = "UTC"  # IANA name, e.g. Europe/Berlin
     deployment_name: str = "gsm-retrain"
+    work_pool: str = "gsm-gpu"  # `make deploy`: the work pool whose workers (GPU machines) run the flows
     download_retries: int = 2  # task-level retries of the download stage (on top of data.download_retries)
     retry_delay_s: float = 60.0
     cache: bool = True  # skip stages whose params, inputs and code are unchanged since a run
@@ -41,6 +42,8 @@ class PrefectConfig:
             raise ValueError(f"prefect.timezone: unknown time zone {self.timezone!r} (IANA, e.g. UTC)") from None
         if not self.deployment_name.strip():
             raise ValueError("prefect.deployment_name must not be empty")
+        if not self.work_pool.strip():
+            raise ValueError("prefect.work_pool must not be empty")
         if self.download_retries < 0:
             raise ValueError(f"prefect.download_retries must be >= 0, got {self.download_retries}")
         if self.retry_delay_s < 0:
