@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup setup-cuda test repro repro-paper paper-params ablations schedule mlflow-ui bench clean
+.PHONY: setup setup-cuda test repro repro-paper paper-params ablations schedule deploy worker mlflow-ui bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -77,6 +77,18 @@ ablations: $(STAMP)
 schedule: $(STAMP)
 	DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true PREFECT_SERVER_ANALYTICS_ENABLED=false \
 	  $(BIN)/python -m pipelines.serve --params params.yaml
+
+# For teams (README "For teams: a work pool"): `make deploy` registers `gsm-pipeline` (on demand) and
+# `retrain` (on prefect.retrain_cron) with the work pool prefect.work_pool of the Prefect server at
+# PREFECT_API_URL, creating the pool if missing; the runs execute in the checkout WORKDIR (absolute,
+# on the worker machine; default: this one). `make worker`, on each GPU machine after
+# `make setup-cuda`, runs what the pool hands it, one at a time, until Ctrl-C.
+WORKDIR ?=
+deploy: $(STAMP)
+	$(BIN)/python -m pipelines.deploy --params params.yaml $(if $(strip $(WORKDIR)),--workdir '$(strip $(WORKDIR))')
+
+worker: $(STAMP)
+	DVC_NO_ANALYTICS=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pipelines.deploy worker --params params.yaml
 
 # The MLflow UI over the embedded store that `make repro` tracks into (params.yaml `mlflow`):
 # runs, metrics, artifacts and the registered model, at http://127.0.0.1:5000 (this machine only).
