@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from gsm.configs import from_mapping
+from gsm.data.incoming import IncomingConfig
 from gsm.data.prepare import DataConfig
 from gsm.data.sources import DEFAULT_SOURCES, Source, sources_from_dict
 from gsm.eval.config import EvalConfig
@@ -64,6 +65,13 @@ class Params:
     eval: EvalConfig = field(default_factory=EvalConfig)
     prefect: PrefectConfig = field(default_factory=PrefectConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    incoming: IncomingConfig = field(default_factory=IncomingConfig)
+
+    def __post_init__(self) -> None:
+        # The retrain gate's tolerance is in dB: it must bound a dB score.
+        if self.incoming.configured and self.mlflow.gate_metric not in ("psnr", "psnr_gain"):
+            raise ValueError(f"incoming.tolerance_db is in dB: mlflow.gate_metric must be psnr or psnr_gain "
+                             f"when an incoming source is set, got {self.mlflow.gate_metric!r}")  # fmt: skip
 
 
 def _model(values: Any, where: str) -> GSMConfig:
@@ -80,6 +88,7 @@ _SECTIONS: dict[str, Callable[[Any, str], Any]] = {
     "eval": EvalConfig.from_dict,
     "prefect": PrefectConfig.from_dict,
     "mlflow": MlflowConfig.from_dict,
+    "incoming": IncomingConfig.from_dict,
 }
 
 
