@@ -87,8 +87,8 @@ def metric_tag(test_set: str, name: str) -> str:
     return f"metric.{test_set}.{name}"
 
 
-def gate(value: float, champion: Champion | None, *, profile: str, metric: str, tolerance: float) -> GateDecision:
-    """Which alias a new version with score `value` gets (pure: the registry is read by the caller)."""
+def _incomparable(champion: Champion | None, profile: str, metric: str) -> GateDecision | None:
+    """The decision when there is nothing to compare against (no champion, other data, no score)."""
     if champion is None:
         return GateDecision(CHAMPION, "first version")
     if champion.profile != profile:
@@ -96,11 +96,70 @@ def gate(value: float, champion: Champion | None, *, profile: str, metric: str, 
                                         f"{champion.profile!r}, not {profile!r}: not comparable")  # fmt: skip
     if champion.value is None:
         return GateDecision(CHALLENGER, f"champion v{champion.version} has no {metric} score: not comparable")
+    return None
+
+
+def gate(value: float, champion: Champion | None, *, profile: str, metric: str, tolerance: float) -> GateDecision:
+    """Which alias a new version with score `value` gets (pure: the registry is read by the caller)."""
+    if (decided := _incomparable(champion, profile, metric)) is not None:
+        return decided
+    assert champion is not None and champion.value is not None
     if value > champion.value + tolerance:
         return GateDecision(CHAMPION, f"{metric} {value:.4f} > champion v{champion.version} "
                                       f"{champion.value:.4f} + {tolerance:g}")  # fmt: skip
     return GateDecision(CHALLENGER, f"{metric} {value:.4f} <= champion v{champion.version} "
                                     f"{champion.value:.4f} + {tolerance:g}")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """Challenger and champion scored alike on the held-out clips of new data (gsm.data.incoming)."""
+
+    test_set: str
+    metric: str
+    challenger: float
+    champion: float
+    tolerance: float  # how far the benchmark score may drop (dB), for the retrain gate
+
+
+def retrain_gate(value: float, champion: Champion | None, heldout: HeldOut, *, profile: str,
+                 metric: str) -> GateDecision:  # fmt: skip
+    """The gate of a retrain on new data (pure): the challenger takes `champion` when the benchmark
+    score drops by at most `heldout.tolerance` and it is not worse on the new held-out clips. Not
+    "must beat": the benchmark does not contain the new data, so learning it may leave it flat."""
+    if (decided := _incomparable(champion, profile, metric)) is not None:
+        return decided
+    assert champion is not None and champion.value is not None
+    bench = f"{metric} {value:.4f} vs champion v{champion.version} {champion.value:.4f}"
+    held = f"{heldout.test_set} {heldout.metric} {heldout.challenger:.4f} vs {heldout.champion:.4f}"
+    if value < champion.value - heldout.tolerance:
+        return GateDecision(CHALLENGER, f"benchmark regressed beyond {heldout.tolerance:g}: {bench}")
+    if heldout.challenger < heldout.champion:
+        return GateDecision(CHALLENGER, f"worse on the new held-out clips: {held}")
+    return GateDecision(CHAMPION, f"benchmark within {heldout.tolerance:g} ({bench}); not worse on new data ({held})")
+
+
+def heldout_tags(heldout: HeldOut, value: float, champion: Champion | None) -> dict[str, str]:
+    """Both comparisons of the retrain gate, as version tags."""
+    tags = {"gate.rule": "retrain", "gate.tolerance": repr(heldout.tolerance), "gate.benchmark.challenger": repr(value),
+            "gate.heldout.set": heldout.test_set, "gate.heldout.metric": heldout.metric,
+            "gate.heldout.challenger": repr(heldout.challenger), "gate.heldout.champion": repr(heldout.champion)}  # fmt: skip
+    if champion is not None and champion.value is not None:
+        tags["gate.benchmark.champion"] = repr(champion.value)
+    return tags
+
+
+def seen_data_versions(client: Any, name: str) -> set[tuple[str, str]]:
+    """(incoming version id, digest) of every data version some registered version was trained on."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return set()
+    prefix = "data.incoming.v"
+    return {(k.removeprefix("data.incoming."), v) for mv in versions for k, v in (mv.tags or {}).items()
+            if k.startswith(prefix)}  # fmt: skip
 
 
 def gate_score(metrics: Mapping[str, Any], cfg: MlflowConfig) -> tuple[str, float]:
@@ -196,12 +255,15 @@ def _artifact_progress(progress: bool) -> Iterator[None]:
 
 def register_checkpoint(
     cfg: MlflowConfig, target: TrackingTarget, checkpoint: Path, metrics: Mapping[str, Any], *, profile: str,
-    report: Path, progress: bool = True, description: str | None = None,
+    report: Path, progress: bool = True, description: str | None = None, heldout: HeldOut | None = None,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> RegisterResult:
     """Log `checkpoint` as a pyfunc in a `register` run, register it under cfg.model_name, gate the alias.
 
     `metrics` is reports/metrics.json's content for this checkpoint (see `check_scored`);
-    `description` (markdown: the model card) becomes a new version's description.
+    `description` (markdown: the model card) becomes a new version's description. With `heldout`
+    (a retrain on new data) the retrain gate decides, and both comparisons become tags and metrics;
+    `extra_tags` (the data versions trained on) go on the new version.
     """
     import mlflow
 
@@ -232,15 +294,20 @@ def register_checkpoint(
             return result
 
         champion = current_champion(client, name, gate_key)
-        decision = gate(value, champion, profile=profile, metric=f"{gate_set} {cfg.gate_metric}",
-                        tolerance=cfg.gate_tolerance)  # fmt: skip
+        metric = f"{gate_set} {cfg.gate_metric}"
+        if heldout is None:
+            decision = gate(value, champion, profile=profile, metric=metric, tolerance=cfg.gate_tolerance)
+        else:
+            decision = retrain_gate(value, champion, heldout, profile=profile, metric=metric)
+            tags = {**tags, **heldout_tags(heldout, value, champion)}
+        tags = {**tags, **dict(extra_tags or {})}
         params = {"checkpoint": str(checkpoint), "checkpoint_sha256": sha, "profile": profile,
                   "gate_set": gate_set, "gate_metric": cfg.gate_metric, "gate_tolerance": str(cfg.gate_tolerance),
                   "model_name": name}  # fmt: skip
         run = MlflowRun(target, "register", params, tags={"profile": profile})
         status = "FAILED"
         try:
-            run.log(0, {f"{gate_set}.{cfg.gate_metric}": value})
+            run.log(0, {f"{gate_set}.{cfg.gate_metric}": value, **_heldout_metrics(heldout)})
             run.flush()
             with tempfile.TemporaryDirectory(prefix="gsm-register-") as tmp, mlflow_uris(target.uri), \
                     mlflow.start_run(run_id=run.run_id):  # fmt: skip
@@ -258,11 +325,19 @@ def register_checkpoint(
 
     result = RegisterResult(
         name, int(mv.version), decision.alias, decision.alias == CHAMPION, False, decision.reason, gate_set,
-        cfg.gate_metric, cfg.gate_tolerance, value, int(champion.version) if champion else None,
+        cfg.gate_metric, heldout.tolerance if heldout else cfg.gate_tolerance, value,
+        int(champion.version) if champion else None,
         champion.value if champion else None, f"models:/{name}/{mv.version}", run.run_id, Path(report),
         _champion_version(client, name, gate_key))  # fmt: skip
     _write_report(result, sha, profile)
     return result
+
+
+def _heldout_metrics(heldout: HeldOut | None) -> dict[str, float]:
+    if heldout is None:
+        return {}
+    return {f"{heldout.test_set}.{heldout.metric}": heldout.challenger,
+            f"{heldout.test_set}.{heldout.metric}.champion": heldout.champion}  # fmt: skip
 
 
 def _champion_version(client: Any, name: str, gate_key: str) -> int | None:
@@ -324,6 +399,7 @@ __all__ = [
     "CHAMPION",
     "Champion",
     "GateDecision",
+    "HeldOut",
     "RegisterResult",
     "check_scored",
     "current_champion",
@@ -332,5 +408,7 @@ __all__ = [
     "gate_score",
     "metric_tag",
     "register_checkpoint",
+    "retrain_gate",
+    "seen_data_versions",
     "version_tags",
 ]
