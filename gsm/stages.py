@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -22,7 +23,8 @@ from gsm.train.data import reds_train_set, vimeo_train_set
 from gsm.train.trainer import TrainResult, Validate, train_stage
 
 if TYPE_CHECKING:
-    from gsm.registry.register import RegisterResult
+    from gsm.data.incoming import IngestResult
+    from gsm.registry.register import HeldOut, RegisterResult
 
 Stage = Literal["reds", "vimeo"]
 
@@ -61,6 +63,7 @@ def flow_init(p: Params, runs: Path, reports: Path, *, progress: bool = True) ->
 def train(
     p: Params, stage: Stage, runs: Path, *, init_from: Path | None = None, restart_on_change: bool = False,
     progress: bool = True, tracking_uri: str | None = None, parent_run_id: str | None = None,
+    incoming: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> TrainResult:
     """Train (or resume, or skip when finished) one stage on the prepared data of `p.data.profile`.
 
@@ -76,27 +79,38 @@ def train(
     MLflow: `tracking_uri` > $MLFLOW_TRACKING_URI > `mlflow.tracking_uri` (null: off); the run
     gets the data profile as params and the whole params as a params.yaml artifact, and nests under
     `parent_run_id` (else $GSM_PARENT_RUN_ID): the pipeline execution it belongs to.
+
+    `incoming` (version id -> its manifest, gsm.data.incoming; vimeo stage only): their train
+    septuplets are trained on beside the main data's, as one dataset.
     """
     manifest = read_manifest(p.data)
     cfg = p.train.stage(stage)
-    dataset, validate = train_inputs(p, manifest, stage)
+    dataset, validate = train_inputs(p, manifest, stage, incoming)
     tracking = tracking_target(p.mlflow, tracking_uri, parent_run_id)
     with mlflow_errors(tracking.uri if tracking else None):
         return train_stage(
             stage, cfg, p.model, dataset, Path(runs) / stage, seed=p.train.seed, validate=validate,
             init_from=init_from or resolve_init(cfg.init_from, runs), device=p.train.device, progress=progress,
-            restart_on_change=restart_on_change, inputs=_inputs(p, manifest, stage),
+            restart_on_change=restart_on_change, inputs=_inputs(p, manifest, stage, incoming),
             tracking=tracking, params_snapshot=params_yaml(p),
             run_params={"data.profile": p.data.profile, "data.backend": p.data.backend},
         )  # fmt: skip
 
 
-def train_inputs(p: Params, manifest: dict[str, Any], stage: Stage) -> tuple[Any, Validate | None]:
+def train_inputs(p: Params, manifest: dict[str, Any], stage: Stage,
+                 incoming: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Any, Validate | None]:  # fmt: skip
     """A stage's training set and its validator (None when `val_every` > `iters`), as `train` uses them."""
     cfg = p.train.stage(stage)
     gt, lr, entry = train_stores(manifest, stage)
     if stage == "reds":
+        if incoming:
+            raise ValueError("incoming data are Vimeo-like septuplets: only the vimeo stage trains on them")
         dataset = reds_train_set(cfg, gt, lr, entry["train"], frames_per_clip=entry["frames_per_clip"], seed=p.train.seed)
+    elif incoming:
+        from gsm.data.incoming import BASE, union, version_stores
+
+        ugt, ulr, names = union({BASE: (gt, lr, entry["train"]), **version_stores(incoming, "train")})
+        dataset = vimeo_train_set(cfg, ugt, ulr, names, seed=p.train.seed)
     else:
         dataset = vimeo_train_set(cfg, gt, lr, entry["train"], seed=p.train.seed)
     e, validate = p.eval, None
@@ -107,10 +121,12 @@ def train_inputs(p: Params, manifest: dict[str, Any], stage: Stage) -> tuple[Any
     return dataset, validate
 
 
-def _inputs(p: Params, manifest: dict[str, Any], stage: Stage) -> dict[str, str]:
+def _inputs(p: Params, manifest: dict[str, Any], stage: Stage,
+            incoming: Mapping[str, Mapping[str, Any]] | None = None) -> dict[str, str]:  # fmt: skip
     """What a run is made from besides params: the data, and a local SpyNet file's content (a new
     distillation must restart the stage, not be taken for the finished run)."""
     inputs = {"data": data_fingerprint(manifest, stage)}
+    inputs.update({f"incoming.{vid}": m["made_from"]["incoming"] for vid, m in (incoming or {}).items()})
     weights = p.model.spynet_weights
     if weights is not None and "://" not in weights and Path(weights).is_file():
         inputs["spynet"] = sha256_file(Path(weights))
@@ -195,7 +211,8 @@ def _log_evaluation(target: TrackingTarget, p: Params, info: dict[str, str], out
 
 def register(
     p: Params, runs: Path, reports: Path, *, checkpoint: Path | None = None, progress: bool = True,
-    tracking_uri: str | None = None, parent_run_id: str | None = None,
+    tracking_uri: str | None = None, parent_run_id: str | None = None, heldout: HeldOut | None = None,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> RegisterResult:
     """Register the evaluated checkpoint (default: the final stage's) as a version of `mlflow.model_name`.
 
@@ -204,6 +221,7 @@ def register(
     `mlflow.gate_tolerance`, else it is `challenger` (gsm.registry.register). Writes
     reports/registry.json. Needs a store: `tracking_uri` > $MLFLOW_TRACKING_URI > `mlflow.tracking_uri`.
     The register run nests as `train`'s. A new version's description is its model card (gsm.registry.card).
+    `heldout` (a retrain on new data) switches to the retrain gate; `extra_tags` go on the version.
     """
     import json
 
@@ -222,7 +240,7 @@ def register(
     with mlflow_errors(target.uri):
         return register_checkpoint(p.mlflow, target, Path(ckpt), metrics, profile=p.data.profile,
                                    report=Path(reports) / "registry.json", progress=progress,
-                                   description=card)  # fmt: skip
+                                   description=card, heldout=heldout, extra_tags=extra_tags)  # fmt: skip
 
 
 def model_card_of(p: Params, checkpoint: Path, metrics: dict[str, Any], reports: Path) -> str:
@@ -256,6 +274,45 @@ def champion_checkpoint(p: Params, dest: Path, *, progress: bool = True, trackin
     target = _store(p, tracking_uri)
     with mlflow_errors(target.uri):
         return download_champion(p.mlflow, target, Path(dest), progress=progress)
+
+
+def ingest(p: Params, *, progress: bool = True) -> IngestResult:
+    """New videos of `incoming` -> the next data version (gsm.data.incoming); nothing new: nothing written."""
+    from gsm.data.incoming import ingest as ingest_videos
+
+    return ingest_videos(p.incoming, p.data, retries=p.data.download_retries, progress=progress)
+
+
+def unseen_versions(p: Params, versions: Sequence[Mapping[str, Any]], *,
+                    tracking_uri: str | None = None) -> list[Mapping[str, Any]]:  # fmt: skip
+    """The data versions no registered model was trained on (the registry's `data.incoming.*` tags)."""
+    from gsm.data.incoming import unseen
+    from gsm.registry.register import seen_data_versions
+    from gsm.tracking import client_for
+
+    if not versions:
+        return []
+    target = _store(p, tracking_uri)
+    with mlflow_errors(target.uri):
+        return unseen(versions, seen_data_versions(client_for(target), p.mlflow.model_name))
+
+
+def heldout_scores(p: Params, checkpoints: Mapping[str, Path], manifests: Mapping[str, Mapping[str, Any]], *,
+                   metric: str = "psnr", progress: bool = True) -> dict[str, float]:  # fmt: skip
+    """Each checkpoint's `metric` on the held-out clips of `manifests`, all clips, as eval params say."""
+    from gsm.data.incoming import heldout_set
+    from gsm.eval.protocols import evaluate_model
+    from gsm.train.checkpoint import load_model
+
+    e, test_set = p.eval, heldout_set(manifests)
+    device = resolve_device(e.device, "eval.device")
+    out = {}
+    for name, ckpt in checkpoints.items():
+        r = evaluate_model(load_model(ckpt).to(device), test_set, tile=e.tile, tile_overlap=e.tile_overlap,
+                           chunk=e.chunk, chunk_overlap=e.chunk_overlap, device=device, progress=progress,
+                           keep=False, bicubic=False)  # fmt: skip
+        out[name] = float(getattr(r, metric))
+    return out
 
 
 def _store(p: Params, tracking_uri: str | None, parent_run_id: str | None = None) -> TrackingTarget:

@@ -6,7 +6,10 @@
   (pipelines.cache), so a rerun with unchanged params, inputs and code skips it.
 * `retrain`: the scheduled job. Finetune the registry's champion on the configured data with the
   `train.vimeo` recipe into a new `<runs>/retrain/<run>/`, evaluate it there, register it (the
-  registry decides champion or challenger).
+  registry decides champion or challenger). With an `incoming` source it first ingests new videos
+  (gsm.data.incoming) and ends at once when no data version is new to the registry; otherwise it
+  trains on the main data plus every version, and the retrain gate compares challenger and champion
+  on the benchmark and on the new held-out clips.
 
 Each flow run opens one MLflow parent run (gsm.tracking.pipeline_run, named after the flow) and
 hands its id to the training, evaluation and registration tasks, whose runs nest under it.
@@ -20,11 +23,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from prefect import Task, flow, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
@@ -59,9 +63,11 @@ def flow_init(p: Params, runs: Path, reports: Path, progress: bool = False) -> A
 
 @task(name="train", task_run_name="train-{stage}", cache_policy=StageCache(stage="train"))
 def train(p: Params, stage: str, runs: Path, init_from: Path | None = None, restart_on_change: bool = False,
-          progress: bool = False, parent_run_id: str | None = None) -> Any:  # fmt: skip
+          progress: bool = False, parent_run_id: str | None = None,
+          incoming: dict[str, Any] | None = None) -> Any:  # fmt: skip
     return stages.train(p, stage, runs, init_from=init_from,  # type: ignore[arg-type]
-                        restart_on_change=restart_on_change, progress=progress, parent_run_id=parent_run_id)
+                        restart_on_change=restart_on_change, progress=progress, parent_run_id=parent_run_id,
+                        incoming=incoming)  # fmt: skip
 
 
 @task(name="evaluate", cache_policy=StageCache(stage="evaluate"))
@@ -72,8 +78,25 @@ def evaluate(p: Params, checkpoint: Path | None, runs: Path, out: Path, progress
 
 @task(name="register", cache_policy=StageCache(stage="register"))
 def register(p: Params, runs: Path, reports: Path, checkpoint: Path | None = None, progress: bool = False,
-             parent_run_id: str | None = None) -> Any:  # fmt: skip
-    return stages.register(p, runs, reports, checkpoint=checkpoint, progress=progress, parent_run_id=parent_run_id)
+             parent_run_id: str | None = None, heldout: Any = None,
+             extra_tags: dict[str, str] | None = None) -> Any:  # fmt: skip
+    return stages.register(p, runs, reports, checkpoint=checkpoint, progress=progress, parent_run_id=parent_run_id,
+                           heldout=heldout, extra_tags=extra_tags)  # fmt: skip
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest(p: Params, progress: bool = False) -> Any:
+    return stages.ingest(p, progress=progress)
+
+
+@task(name="unseen-data", cache_policy=NO_CACHE)
+def unseen_versions(p: Params, versions: tuple[dict[str, Any], ...]) -> list[Any]:
+    return stages.unseen_versions(p, versions)
+
+
+@task(name="heldout", cache_policy=NO_CACHE)
+def heldout_scores(p: Params, checkpoints: dict[str, Path], manifests: dict[str, Any], progress: bool = False) -> Any:
+    return stages.heldout_scores(p, checkpoints, manifests, progress=progress)
 
 
 @task(name="champion-checkpoint", cache_policy=NO_CACHE)
@@ -144,23 +167,64 @@ def run_name() -> str:
     return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{run_id}"
 
 
+@dataclass(frozen=True)
+class NewData:
+    """What a retrain with an `incoming` source trains on: every version, and those new to the registry."""
+
+    manifests: dict[str, Any]  # version id -> manifest, all versions (trained on beside the main data)
+    new: dict[str, Any]  # the versions no registered model saw: the gate's held-out clips
+    tags: dict[str, str]  # the data versions, for the registered version
+
+
+def new_data(p: Params, progress: bool) -> NewData | str:
+    """Ingest the incoming videos; the data to train on, or the one-line reason there is nothing to do."""
+    from gsm.data.incoming import data_tags, version_manifest
+
+    got = retried(ingest, p)(p, progress=progress)  # URLs are downloads
+    unseen = unseen_versions(p, got.versions)
+    if not unseen:
+        return (f"retrain: no new data ({got.videos_seen} incoming video(s), all in versions already trained on); "
+                f"nothing trained or registered")  # fmt: skip
+    manifests = {v["id"]: version_manifest(got.store, v) for v in got.versions}
+    tags = data_tags(got.versions, unseen, p.data.manifest_path, got.dvc_md5)
+    return NewData(manifests, {v["id"]: manifests[v["id"]] for v in unseen}, tags)
+
+
+def gate_inputs(p: Params, data: NewData | None, champion: Path, tuned: Path, progress: bool) -> dict[str, Any]:
+    """The register task's retrain-gate arguments: both models on the new held-out clips, the data tags."""
+    from gsm.registry.register import HeldOut
+
+    if data is None:
+        return {}
+    got = heldout_scores(p, {"challenger": tuned, "champion": champion}, data.new, progress=progress)
+    held = HeldOut("incoming-heldout", "psnr", got["challenger"], got["champion"], p.incoming.tolerance_db)
+    return {"heldout": held, "extra_tags": data.tags}
+
+
 @flow(name="retrain")
 def retrain(params: str = "params.yaml", runs: str | None = None, progress: bool = False) -> dict[str, Any]:
     """Finetune the champion on the configured data, evaluate, register; in <runs>/retrain/<run>/.
 
     The data steps are the pipeline's (cached: seconds when the data are unchanged). Training,
-    evaluation and registration are never cached: every retrain is a new model.
+    evaluation and registration are never cached: every retrain is a new model. With an `incoming`
+    source: new videos first; none new to the registry ends the run at once (`skipped` says why).
     """
     p = load_params(params)
+    data = new_data(p, progress) if p.incoming.configured else None
+    if isinstance(data, str):
+        get_run_logger().info(data)
+        return {"run_dir": None, "skipped": data}
     run_dir = default_runs(p, runs) / "retrain" / run_name()
     with pipeline_run(tracking_target(p.mlflow), "retrain", _flow_tags()) as parent:
         prepare(p, progress)
         champion = retried(champion_checkpoint, p)(p, run_dir / "champion.pt")  # a download too
         tracked = dict(cache=False, progress=progress, parent_run_id=parent)
-        tuned = run_stage(train, p, stage="vimeo", runs=run_dir, init_from=champion, **tracked)
+        tuned = run_stage(train, p, stage="vimeo", runs=run_dir, init_from=champion,
+                          incoming=data.manifests if data else None, **tracked)  # fmt: skip
         reports = run_dir / "reports"
         scores = run_stage(evaluate, p, checkpoint=tuned.last, runs=run_dir, out=reports, **tracked)
-        registered = run_stage(register, p, runs=run_dir, reports=reports, checkpoint=tuned.last, **tracked)
+        gated = gate_inputs(p, data, champion, tuned.last, progress)
+        registered = run_stage(register, p, runs=run_dir, reports=reports, checkpoint=tuned.last, **gated, **tracked)
     return {"run_dir": run_dir, "champion": champion, "vimeo": tuned, "scores": scores, "registered": registered}
 
 
@@ -180,6 +244,9 @@ def main(argv: list[str] | None = None) -> int:
             where = a.reports
         else:
             out = retrain(params=a.params, runs=a.runs, progress=a.progress)
+            if out.get("skipped"):
+                print(out["skipped"])
+                return 0
             where = str(out["run_dir"] / "reports")
     except (ValueError, FileNotFoundError, PermissionError, RuntimeError, ConnectionError, TimeoutError) as exc:
         print(f"error: {exc}", file=sys.stderr)
