@@ -268,7 +268,7 @@ def flow_init(
                                 help="params file: `data` and `flow_init` sections"),
     runs: Path = typer.Option(Path("runs"), metavar="DIR", help="runs folder: writes <runs>/flow/spynet.pth"),
     out: Path = typer.Option(Path("reports"), metavar="DIR",
-                             help="folder for flow_init.json (held-out EPE before/after)"),
+                             help="folder for flow_init.json (held-out EPE) and flow_init_run.json (run facts)"),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars on stderr"),
 ) -> None:
     """Distil SpyNet from OpenCV's DIS flow on the training frames: a starting flow without downloads."""

@@ -53,11 +53,13 @@ def pack(p: Params, *, progress: bool = True) -> Path:
 
 def flow_init(p: Params, runs: Path, reports: Path, *, progress: bool = True) -> dict[str, Any]:
     """Stage 4: SpyNet distilled from OpenCV's DIS flow on the training frames (no download), written
-    to `<runs>/flow/spynet.pth` for `model.spynet_weights`; the held-out EPE goes to reports/flow_init.json."""
+    to `<runs>/flow/spynet.pth` for `model.spynet_weights`; the held-out EPE goes to reports/flow_init.json
+    (a metric), the teacher, pair counts, timings and config to reports/flow_init_run.json (a plain output)."""
     from gsm.train.flow_init import distil_spynet
 
     return distil_spynet(read_manifest(p.data), p.flow_init, Path(runs) / "flow" / "spynet.pth",
-                         Path(reports) / "flow_init.json", progress=progress)  # fmt: skip
+                         Path(reports) / "flow_init.json", run_report=Path(reports) / "flow_init_run.json",
+                         progress=progress)  # fmt: skip
 
 
 def train(

@@ -13,7 +13,7 @@ import torch
 from gsm.ops.flow import flow_warp
 from gsm.ops.spynet import SpyNet
 from gsm.train.config import FlowInitConfig
-from gsm.train.flow_init import _fit, _Targets, dis_flow, epe
+from gsm.train.flow_init import EPE_KEYS, _fit, _Targets, dis_flow, epe
 
 
 def _texture(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -98,7 +98,12 @@ def test_stage_writes_loadable_weights_and_a_report(tiny_params: Path, tmp_path:
     r = stages.flow_init(p, runs, reports, progress=False)
     weights = runs / "flow" / "spynet.pth"
     report = json.loads((reports / "flow_init.json").read_text())
-    assert report == r
+    run = json.loads((reports / "flow_init_run.json").read_text())
+    assert {**report, **run} == r
+    # The DVC metric holds the EPE scores only; strings, counts, timings and config are the plain output's.
+    assert set(report) == set(EPE_KEYS)
+    assert all(isinstance(v, float) for v in report.values())
+    assert {"teacher", "train_pairs", "heldout_pairs", "train_seconds", "seconds", "config"} <= set(run)
     assert r["train_pairs"] == 2 * 3 and r["heldout_pairs"] > 0
     # Zero-initialised output layers: before training SpyNet predicts the zero flow exactly.
     assert r["heldout_epe_before"] == pytest.approx(r["heldout_zero_flow_epe"], abs=1e-4)

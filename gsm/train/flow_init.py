@@ -186,10 +186,13 @@ def zero_flow_epe(heldout: Heldout) -> float:
 
 
 def distil_spynet(manifest: dict[str, Any], cfg: FlowInitConfig, out: Path, report: Path, *,
-                  progress: bool = True) -> dict[str, Any]:
+                  run_report: Path | None = None, progress: bool = True) -> dict[str, Any]:
     """Train SpyNet on DIS targets and write its weights (BasicSR layout, `params`) and a report.
 
-    Deterministic on CPU for a given seed and data. Both files are written atomically.
+    `report` (a DVC metric) gets only the EPE scores (EPE_KEYS), so `dvc metrics show` stays a
+    table of numbers; `run_report` (a plain output) gets the rest: teacher, pair counts, timings,
+    config. Returns both merged. Deterministic on CPU for a given seed and data; every file is
+    written atomically.
     """
     t0 = time.monotonic()
     targets = _teach(_train_pairs(manifest, cfg.max_pairs, cfg.seed), cfg.preset, progress)
@@ -221,8 +224,22 @@ def distil_spynet(manifest: dict[str, Any], cfg: FlowInitConfig, out: Path, repo
         "train_seconds": round(train_s, 1), "seconds": round(time.monotonic() - t0, 1),
         "config": {k: getattr(cfg, k) for k in cfg.__dataclass_fields__},
     }
-    atomic_write_text(report, json.dumps(result, indent=2) + "\n")
+    scores, run = split_report(result)
+    atomic_write_text(report, json.dumps(scores, indent=2) + "\n")
+    if run_report is not None:
+        atomic_write_text(run_report, json.dumps(run, indent=2) + "\n")
     return result
+
+
+EPE_KEYS = ("heldout_epe_random_init", "heldout_epe_before", "heldout_epe_after", "heldout_zero_flow_epe",
+            "final_train_epe")  # fmt: skip
+
+
+def split_report(result: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(EPE scores, everything else): the metric file must hold numbers only, or `dvc metrics
+    show` mixes strings and config into the score table."""
+    scores = {k: result[k] for k in EPE_KEYS if k in result}
+    return scores, {k: v for k, v in result.items() if k not in scores}
 
 
 def _fit(spynet: SpyNet, targets: _Targets, cfg: FlowInitConfig, progress: bool) -> list[float]:
@@ -245,4 +262,5 @@ def _fit(spynet: SpyNet, targets: _Targets, cfg: FlowInitConfig, progress: bool)
     return losses
 
 
-__all__ = ["FlowInitConfig", "dis_flow", "distil_spynet", "epe", "heldout_epe", "heldout_targets", "zero_flow_epe"]
+__all__ = ["EPE_KEYS", "FlowInitConfig", "dis_flow", "distil_spynet", "epe", "heldout_epe", "heldout_targets",
+           "split_report", "zero_flow_epe"]
