@@ -156,8 +156,8 @@ def evaluate(
 ) -> dict[str, TestResult]:
     """Score a checkpoint (default: the final stage's) on every benchmark the data has; write reports/.
 
-    metrics.json records the checkpoint's serving digest (gsm.train.checkpoint.serving_digest), so
-    `register` can tell which weights it scores.
+    evaluated_model.json (beside metrics.json, which holds only scores) records the checkpoint's
+    serving digest (gsm.train.checkpoint.serving_digest), so `register` can tell which weights it scores.
     With tracking on (as for `train`), one MLflow run "evaluate" logs the eval params, each test
     set's scores and the reports as artifacts (nested as `train`'s).
     """
@@ -204,7 +204,7 @@ def _log_evaluation(target: TrackingTarget, p: Params, info: dict[str, str], out
     metrics = {f"{name}.{key}": float(v) for name, row in scores.items() for key, v in row.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
     params = {**flat_params("eval", to_mapping(p.eval)), **info}
-    names = ("metrics.json", "benchmark.md", "per_clip.csv", "per_frame.csv", "runtime.json", "plots", "curves",
+    names = ("metrics.json", "evaluated_model.json", "benchmark.md", "per_clip.csv", "per_frame.csv", "runtime.json", "plots", "curves",
              "videos")  # those written
     artifacts = tuple(out / n for n in names)
     return log_finished_run(target, "evaluate", params=params, metrics=metrics, artifacts=artifacts,
@@ -231,9 +231,7 @@ def register(
 
     target = _store(p, tracking_uri, parent_run_id)
     metrics_path = Path(reports) / "metrics.json"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} not found: run `gsm evaluate` first")
-    metrics = json.loads(metrics_path.read_text())
+    metrics = read_scores(Path(reports))
     scored_profile = (metrics.get("model") or {}).get("profile")
     if scored_profile not in (None, p.data.profile):
         raise ValueError(f"{metrics_path} scores profile {scored_profile!r}, params say {p.data.profile!r}")
@@ -245,8 +243,26 @@ def register(
                                    description=card, heldout=heldout, extra_tags=extra_tags)  # fmt: skip
 
 
+def read_scores(reports: Path) -> dict[str, Any]:
+    """reports/metrics.json with `model` (what it scores) from evaluated_model.json beside it.
+
+    The metric file keeps only scores so `dvc metrics show` reads at a glance; the registry gate and
+    the model card still need the checkpoint digest, profile and parameter count, so they are joined
+    here. A metrics.json written before the split keeps its own `model` block when the file is absent.
+    """
+    from gsm.eval.report import EVALUATED_MODEL
+
+    metrics_path, model_path = Path(reports) / "metrics.json", Path(reports) / EVALUATED_MODEL
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} not found: run `gsm evaluate` first")
+    metrics = json.loads(metrics_path.read_text())
+    if model_path.is_file():
+        metrics["model"] = json.loads(model_path.read_text())
+    return metrics
+
+
 def model_card_of(p: Params, checkpoint: Path, metrics: dict[str, Any], reports: Path) -> str:
-    """The model card of `checkpoint`, scored in `metrics` (reports/metrics.json) in `reports`."""
+    """The model card of `checkpoint`, scored in `metrics` (`read_scores(reports)`) in `reports`."""
     from gsm.registry.card import CardFacts, model_card
     from gsm.tracking import provenance_tags
     from gsm.train.checkpoint import load_checkpoint

@@ -99,7 +99,8 @@ SPECS: dict[str, StageSpec] = {
     "flow_init": StageSpec(lambda a: [_manifest(a)], lambda a: [Path(a["runs"]) / "flow" / "spynet.pth"]),
     "train_reds": _train("reds"),
     "finetune_vimeo": _train("vimeo"),
-    "evaluate": StageSpec(lambda a: [_manifest(a), _checkpoint(a)], lambda a: [Path(a["out"]) / "metrics.json"]),
+    "evaluate": StageSpec(lambda a: [_manifest(a), _checkpoint(a)],
+                          lambda a: [Path(a["out"]) / "metrics.json", Path(a["out"]) / "evaluated_model.json"]),
     "register": StageSpec(lambda a: [Path(a["reports"]) / "metrics.json", _checkpoint(a)],
                           lambda a: [Path(a["reports"]) / "registry.json"], env=("MLFLOW_TRACKING_URI",)),
 }  # fmt: skip

@@ -144,6 +144,13 @@ def test_pipeline_run_nests_each_repro_under_its_own_parent(project: Project) ->
     assert parents[1][1] == ["vimeo", "evaluate", "register"]
 
 
+def _numbers_only(node: object) -> bool:
+    """Every leaf a number or null, so `dvc metrics show` / `diff` is a table of scores."""
+    if isinstance(node, dict):
+        return all(_numbers_only(v) for v in node.values())
+    return node is None or (isinstance(node, (int, float)) and not isinstance(node, bool))
+
+
 def test_metrics_plots_and_experiments(project: Project) -> None:
     project.repro()
     project.run("git", "add", "-A")
@@ -151,6 +158,9 @@ def test_metrics_plots_and_experiments(project: Project) -> None:
     shown = json.loads(project.run("dvc", "metrics", "show", "--json"))
     metrics = shown[""]["data"]["reports/metrics.json"]["data"]
     assert metrics["test_sets"]["quickstart-REDS"]["psnr"] > 0
+    assert set(shown[""]["data"]) == {"reports/metrics.json", "reports/flow_init.json"}
+    for path, data in shown[""]["data"].items():  # scores only: strings and config stay in plain outputs
+        assert _numbers_only(data["data"]), path
 
     plots = json.loads(project.run("dvc", "plots", "show", "--json"))["data"]
     losses = plots["reports/curves/train.csv"][0]["content"]["data"]["values"]

@@ -306,10 +306,10 @@ def test_run_evaluation_writes_reports(tree: dict, tmp_path: Path) -> None:
     results = run_evaluation(OffsetUpscaler(), sets, cfg, tmp_path / "reports", progress=False, info={"ckpt": "x.pt"})
     assert list(results) == ["tiny-vid4", "vimeo-tiny"]
     names = sorted(p.name for p in (tmp_path / "reports").rglob("*") if p.is_file())
-    assert names == ["benchmark.md", "crops_tiny-vid4.png", "crops_vimeo-tiny.png", "metrics.json",
-                     "per_clip.csv", "per_clip_tiny-vid4.png", "per_clip_vimeo-tiny.png", "per_frame.csv",
-                     "per_frame_tiny-vid4.png", "per_frame_vimeo-tiny.png", "runtime.json", "tiny-vid4.mp4",
-                     "train.csv", "val.csv", "vimeo-tiny.mp4"]  # fmt: skip
+    assert names == ["benchmark.md", "crops_tiny-vid4.png", "crops_vimeo-tiny.png", "evaluated_model.json",
+                     "metrics.json", "per_clip.csv", "per_clip_tiny-vid4.png", "per_clip_vimeo-tiny.png",
+                     "per_frame.csv", "per_frame_tiny-vid4.png", "per_frame_vimeo-tiny.png", "runtime.json",
+                     "tiny-vid4.mp4", "train.csv", "val.csv", "vimeo-tiny.mp4"]  # fmt: skip
     for r in results.values():  # the video keeps (bicubic, ours, GT) of every scored frame here (< 48)
         assert len(r.video) == r.frames and {f.shape for triple in r.video for f in triple} == {r.video[0][0].shape}
         assert all(side % 2 == 0 for side in r.video[0][0].shape[:2])  # H.264 yuv420p needs even sides

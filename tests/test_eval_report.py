@@ -7,6 +7,7 @@ import csv
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -73,12 +74,13 @@ def test_write_reports_files_and_numbers(tmp_path: Path, results: dict[str, Test
                             train_logs=_logs(tmp_path), crop_size=16)  # fmt: skip
     files = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
     assert files == [
-        "benchmark.md", "curves/train.csv", "curves/val.csv", "metrics.json", "per_clip.csv", "per_frame.csv",
+        "benchmark.md", "curves/train.csv", "curves/val.csv", "evaluated_model.json", "metrics.json", "per_clip.csv",
+        "per_frame.csv",
         "plots/crops_reds4.png", "plots/per_clip_quickstart-vimeo.png", "plots/per_clip_reds4.png",
         "plots/per_frame_quickstart-vimeo.png", "plots/per_frame_reds4.png",
         "plots/train_loss.png", "plots/val_psnr.png", "runtime.json",
     ]  # fmt: skip — no temporaries left behind, and no crops for a result without a showcase
-    assert set(written) == {"metrics", "per_clip", "per_frame", "benchmark", "train_loss", "val_psnr",
+    assert set(written) == {"metrics", "evaluated_model", "per_clip", "per_frame", "benchmark", "train_loss", "val_psnr",
                             "per_clip_REDS4", "per_clip_quickstart-Vimeo", "per_frame_REDS4",
                             "per_frame_quickstart-Vimeo", "crops_REDS4", "runtime", "train_curve",
                             "val_curve"}  # fmt: skip — no videos: these results keep no frames
@@ -102,7 +104,10 @@ def test_write_reports_files_and_numbers(tmp_path: Path, results: dict[str, Test
     val = list(csv.DictReader((out / "curves" / "val.csv").open()))
     assert [(r["step"], r["set"], r["val_psnr"]) for r in val] == [("3", "", "27.5"), ("5", "", "28.0"), ("155", "", "31.0")]
     assert m["test_sets"]["quickstart-Vimeo"]["psnr_gain"] == pytest.approx(4.0)
-    assert m["model"] == {"params": 1_234_567, "checkpoint": "ema.pt"}
+    # metrics.json is DVC's score table: numbers (or null) only; what it scores is a plain file beside it.
+    assert set(m) == {"test_sets"} and all(_numbers_only(row) for row in m["test_sets"].values())
+    model = json.loads((out / "evaluated_model.json").read_text())
+    assert model == {"params": 1_234_567, "checkpoint": "ema.pt"}
 
     rows = list(csv.DictReader((out / "per_clip.csv").open()))
     assert [(r["test_set"], r["clip"], r["frames"]) for r in rows] == [
@@ -120,6 +125,13 @@ def test_write_reports_files_and_numbers(tmp_path: Path, results: dict[str, Test
     assert "| GSM (paper) ([arXiv 2510.00862](https://arxiv.org/abs/2510.00862)) | see paper | 38.25 / 0.9534 |" in md
     assert "SPEC" not in md
     assert "![crops_reds4](plots/crops_reds4.png)" in md
+
+
+def _numbers_only(node: Any) -> bool:
+    """Every leaf a number or null: what a DVC metric file may hold to read at a glance."""
+    if isinstance(node, dict):
+        return all(_numbers_only(v) for v in node.values())
+    return node is None or (isinstance(node, (int, float)) and not isinstance(node, bool))
 
 
 def test_non_finite_scores_become_null(tmp_path: Path) -> None:
@@ -281,7 +293,8 @@ def test_dvc_yaml_metrics_are_scores_only() -> None:
     metrics = {next(iter(m)) for s in stages.values() for m in s.get("metrics", [])}
     assert metrics == {"reports/metrics.json", "reports/flow_init.json"}
     outs = {k: v for s in stages.values() for o in s.get("outs", []) if isinstance(o, dict) for k, v in o.items()}
-    for path in ("reports/model.json", "reports/runtime.json", "reports/per_frame.csv", "reports/videos"):
+    for path in ("reports/model.json", "reports/runtime.json", "reports/per_frame.csv", "reports/videos",
+                 "reports/evaluated_model.json", "reports/flow_init_run.json"):
         assert outs[path] == {"cache": False}, path
     assert outs["reports/registry.json"] == {"cache": False, "persist": True}
     assert "dvc_plots/" in (root / ".gitignore").read_text().splitlines()

@@ -69,6 +69,7 @@ def keyed(tmp_path: Path) -> Callable[..., str]:
         (tmp_path / "runs" / stage / "checkpoints" / "last.pt").write_bytes(stage.encode())
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "metrics.json").write_text("{}")
+    (tmp_path / "reports" / "evaluated_model.json").write_text("{}")
 
     def key(task_stage: str, changes: dict[str, Any] | None = None, **args: Any) -> str:
         d = _params_dict(tmp_path)

@@ -180,14 +180,15 @@ def _tiny_checkpoint(path: Path) -> Path:
 
 
 def _fake_metrics(out: Path, ckpt: Path, psnr: float) -> None:
-    """metrics.json as `evaluate` writes it (the benchmark scores are set, not measured: CPU time)."""
+    """metrics.json and evaluated_model.json as `evaluate` writes them (the benchmark scores are set,
+    not measured: CPU time)."""
     from gsm.train.checkpoint import serving_digest
 
     row = {"psnr": psnr, "ssim": 0.8, "psnr_gain": 1.0, "ssim_gain": 0.01, "bicubic_psnr": psnr - 1, "bicubic_ssim": 0.79}
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps({
-        "model": {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": "quickstart"},
-        "test_sets": {"quickstart-Vimeo": row}}))  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps({"test_sets": {"quickstart-Vimeo": row}}))
+    (out / "evaluated_model.json").write_text(json.dumps(
+        {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": "quickstart"}))
 
 
 @pytest.fixture(scope="module")

@@ -122,7 +122,10 @@ def test_training_and_evaluation_runs_are_tracked(project: Project) -> None:
     assert ev.data.params["checkpoint_sha256"] == serving_digest(project.runs / "reds" / "checkpoints" / "last.pt")
     assert ev.data.params["eval.max_clips"] == "1"
     logged = {a.path for a in client.list_artifacts(ev.info.run_id)}
-    assert {"metrics.json", "benchmark.md", "per_clip.csv", "plots"} <= logged
+    assert {"metrics.json", "evaluated_model.json", "benchmark.md", "per_clip.csv", "plots"} <= logged
+    assert "model" not in scores  # scores only; what they score is the plain file beside them
+    evaluated = json.loads((project.reports / "evaluated_model.json").read_text())
+    assert evaluated["checkpoint_sha256"] == ev.data.params["checkpoint_sha256"] and evaluated["params"] > 0
     assert client.list_artifacts(ev.info.run_id, "plots")
     # Artifacts sit beside the database, in the experiment's location.
     assert (project.root / "mlartifacts").is_dir()
@@ -165,12 +168,30 @@ def _variant(project: Project, name: str, seed: int) -> tuple[Path, Path]:
 
 
 def _scores(reports: Path, ckpt: Path, psnr: float, profile: str = "quickstart") -> None:
-    """A metrics.json for `ckpt` with the REDS-like PSNR set to `psnr`."""
+    """metrics.json (scores) and evaluated_model.json (what they score) for `ckpt`, REDS-like PSNR `psnr`."""
     reports.mkdir(parents=True, exist_ok=True)
     row = {"psnr": psnr, "ssim": 0.8, "psnr_gain": psnr - 29.0, "ssim_gain": 0.01, "bicubic_psnr": 29.0}
-    data = {"model": {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": profile},
-            "test_sets": {"quickstart-REDS": row, "quickstart-Vimeo": {**row, "psnr": 35.0}}}  # fmt: skip
+    model = {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": profile}
+    data = {"test_sets": {"quickstart-REDS": row, "quickstart-Vimeo": {**row, "psnr": 35.0}}}
     (reports / "metrics.json").write_text(json.dumps(data))
+    (reports / "evaluated_model.json").write_text(json.dumps(model))
+
+
+def test_read_scores_joins_the_evaluated_model_and_reads_an_old_metrics_json(tmp_path: Path) -> None:
+    """register needs the scored checkpoint's digest: from evaluated_model.json, or from the `model`
+    block a metrics.json written before the split still has."""
+    from gsm.stages import read_scores
+
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir(), old.mkdir()
+    (new / "metrics.json").write_text('{"test_sets": {"a": {"psnr": 30.0}}}')
+    (new / "evaluated_model.json").write_text('{"checkpoint_sha256": "abc", "profile": "quickstart"}')
+    (old / "metrics.json").write_text('{"test_sets": {}, "model": {"checkpoint_sha256": "def"}}')
+    assert read_scores(new) == {"test_sets": {"a": {"psnr": 30.0}},
+                                "model": {"checkpoint_sha256": "abc", "profile": "quickstart"}}  # fmt: skip
+    assert read_scores(old)["model"] == {"checkpoint_sha256": "def"}
+    with pytest.raises(FileNotFoundError, match="gsm evaluate"):
+        read_scores(tmp_path)
 
 
 def test_register_gates_the_champion_both_ways(project: Project) -> None:

@@ -1,9 +1,12 @@
 """Evaluation outputs under one folder (normally `reports/`), every file written atomically.
 
-* ``metrics.json``: DVC metrics. ``test_sets.<name>.{psnr, ssim, bicubic_psnr, bicubic_ssim,
-  psnr_gain, ssim_gain, clips, frames}`` and ``model`` (the caller's model_info). A non-finite
-  score (``inf`` PSNR of a perfect frame, ``nan`` of a skipped baseline) is ``null``, since JSON
-  has no such numbers. Nothing timed goes here, so two runs of the same pipeline give the same file.
+* ``metrics.json``: DVC metrics, scores only. ``test_sets.<name>.{psnr, ssim, bicubic_psnr,
+  bicubic_ssim, psnr_gain, ssim_gain, clips, frames}``. A non-finite score (``inf`` PSNR of a
+  perfect frame, ``nan`` of a skipped baseline) is ``null``, since JSON has no such numbers. Nothing
+  timed goes here, so two runs of the same pipeline give the same file.
+* ``evaluated_model.json``: the caller's model_info (checkpoint path and serving digest, parameter
+  counts, data profile): what metrics.json scores. A plain output, not a metric, so `dvc metrics
+  show` stays a table of scores; `register` and the model card read it.
 * ``runtime.json``: inference seconds per test set (and per frame), the timed part.
 * ``curves/train.csv`` (step, stage, iter, loss, lr) and ``curves/val.csv`` (step, stage, set, iter,
   val_*): the training logs as DVC plot data; `step` counts on across stages.
@@ -105,9 +108,11 @@ def save_figure(fig: Figure, path: Path, dpi: int = 100) -> Path:
 # --------------------------------------------------------------------------------------------------
 # Tables
 
+EVALUATED_MODEL = "evaluated_model.json"  # what metrics.json scores; beside it, a plain output
 
-def metrics_dict(results: Mapping[str, TestResult], model_info: Mapping[str, Any]) -> dict[str, Any]:
-    """The metrics.json content (see the module docstring)."""
+
+def metrics_dict(results: Mapping[str, TestResult]) -> dict[str, Any]:
+    """The metrics.json content (see the module docstring): scores only, no model facts."""
     sets = {}
     for name, r in results.items():
         sets[name] = {
@@ -120,7 +125,7 @@ def metrics_dict(results: Mapping[str, TestResult], model_info: Mapping[str, Any
             "clips": len(r.clips),
             "frames": r.frames,
         }
-    return {"test_sets": sets, "model": dict(model_info)}
+    return {"test_sets": sets}
 
 
 def runtime_dict(results: Mapping[str, TestResult]) -> dict[str, Any]:
@@ -581,7 +586,8 @@ def write_reports(
             written[key] = save_figure(fig, plots_dir / f"{stem}.png")
             plots.append(written[key])
 
-    atomic_write_json(out_dir / "metrics.json", metrics_dict(results, model_info))
+    atomic_write_json(out_dir / "metrics.json", metrics_dict(results))
+    atomic_write_json(out_dir / EVALUATED_MODEL, dict(model_info))
     atomic_write_json(out_dir / "runtime.json", runtime_dict(results))
     train_csv, val_csv = curves_csv(list(train_logs), val_sets or {})
     atomic_write_text(out_dir / "curves" / "train.csv", train_csv)
@@ -592,7 +598,7 @@ def write_reports(
         if r.video:
             written[f"video_{name}"] = write_side_by_side(r.video, out_dir / "videos" / f"{slug(name)}.mp4")
     atomic_write_text(out_dir / "benchmark.md", benchmark_markdown(results, model_info, plots, out_dir, baselines))
-    written.update(metrics=out_dir / "metrics.json", per_clip=out_dir / "per_clip.csv",
+    written.update(metrics=out_dir / "metrics.json", evaluated_model=out_dir / EVALUATED_MODEL, per_clip=out_dir / "per_clip.csv",
                    per_frame=out_dir / "per_frame.csv", benchmark=out_dir / "benchmark.md",
                    runtime=out_dir / "runtime.json",
                    train_curve=out_dir / "curves" / "train.csv", val_curve=out_dir / "curves" / "val.csv")  # fmt: skip
@@ -600,6 +606,7 @@ def write_reports(
 
 
 __all__ = [
+    "EVALUATED_MODEL",
     "PAPER_ROWS",
     "benchmark_markdown",
     "choose_crop",

@@ -2,9 +2,9 @@
 
 Tags say what a version is to a program; the card says it to the person deciding whether to use
 it: what it was trained on, how it was scored and against what, how fast it runs, and where it
-came from. It is built from the files the register stage already trusts (reports/metrics.json for
-the checkpoint being registered, the checkpoint itself) and the timing reports beside them, and
-says "not measured" rather than borrow a timing of another network.
+came from. It is built from the files the register stage already trusts (reports/metrics.json and
+reports/evaluated_model.json for the checkpoint being registered, the checkpoint itself) and the
+timing reports beside them, and says "not measured" rather than borrow a timing of another network.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ class CardFacts:
     """What the card is made of, gathered by the register stage."""
 
     params: Params
-    metrics: Mapping[str, Any]  # reports/metrics.json
+    metrics: Mapping[str, Any]  # reports/metrics.json, `model` from evaluated_model.json (stages.read_scores)
     checkpoint: Mapping[str, Any]  # the checkpoint's state (config, stage, iter, train_config)
     provenance: Mapping[str, str]  # gsm.tracking.provenance_tags()
     protocols: Mapping[str, str]  # test set -> protocol (reds4 | vimeo | vid4); may be empty

@@ -177,7 +177,8 @@ def gate_score(metrics: Mapping[str, Any], cfg: MlflowConfig) -> tuple[str, floa
 
 
 def check_scored(metrics: Mapping[str, Any], checkpoint: Path, sha256: str) -> None:
-    """The scores must be the checkpoint's: by serving digest when metrics.json records it, else by path."""
+    """The scores must be the checkpoint's: by serving digest when `metrics["model"]` records it, else by
+    path. `model` comes from reports/evaluated_model.json (gsm.stages.read_scores), not the metric file."""
     model = metrics.get("model") if isinstance(metrics.get("model"), Mapping) else {}
     scored_sha, scored = model.get("checkpoint_sha256"), model.get("checkpoint")
     if scored_sha is not None:
@@ -260,7 +261,8 @@ def register_checkpoint(
 ) -> RegisterResult:
     """Log `checkpoint` as a pyfunc in a `register` run, register it under cfg.model_name, gate the alias.
 
-    `metrics` is reports/metrics.json's content for this checkpoint (see `check_scored`);
+    `metrics` is reports/metrics.json's content for this checkpoint with `model` from
+    evaluated_model.json joined in (gsm.stages.read_scores; see `check_scored`);
     `description` (markdown: the model card) becomes a new version's description. With `heldout`
     (a retrain on new data) the retrain gate decides, and both comparisons become tags and metrics;
     `extra_tags` (the data versions trained on) go on the new version.
