@@ -198,6 +198,7 @@ def retrained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Retrained]:
     the benchmark evaluation are stood in for (their own tests cover them)."""
     import pipelines.flows as flows
     from gsm.registry.register import register_checkpoint
+    from gsm.stages import read_scores
     from gsm.tracking import tracking_target
 
     root = tmp_path_factory.mktemp("retrain_incoming")
@@ -219,7 +220,7 @@ def retrained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Retrained]:
 
     champion = _tiny_checkpoint(root / "champion-src.pt")
     _fake_metrics(root / "champion-reports", champion, 30.0)
-    metrics = json.loads((root / "champion-reports" / "metrics.json").read_text())
+    metrics = read_scores(root / "champion-reports")  # scores joined with what they score, as register reads them
     register_checkpoint(p.mlflow, tracking_target(p.mlflow), champion, metrics, profile="quickstart",
                         report=root / "champion-reports" / "registry.json", progress=False)  # fmt: skip
 
