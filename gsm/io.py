@@ -123,3 +123,24 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def wait_until_healthy(url: str, proc: Any, timeout: float, what: str, hint: str = "") -> None:
+    """Poll `url` until it answers 200 or `proc` (a Popen of the server) exits, for local servers
+    started by the project (Prefect, the MLflow UI); `what` and `hint` name it in the error."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited (code {proc.returncode}){hint}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not answer in {timeout:.0f} s{hint}")
+        time.sleep(0.5)

@@ -21,13 +21,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
+from gsm.io import wait_until_healthy
 from gsm.params import Params, load_params
 
 
@@ -135,19 +134,7 @@ def local_server(port: int = 0, ui: bool = False, timeout: float = 120.0) -> Ite
                                 preexec_fn=_tied_to(os.getpid()))  # fmt: skip
     url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the local Prefect server exited (code {proc.returncode}); see {log_path}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the local Prefect server did not answer in {timeout:.0f} s; see {log_path}")
-            time.sleep(0.5)
+        wait_until_healthy(f"{url}/health", proc, timeout, "the local Prefect server", f"; see {log_path}")
         yield url
     finally:
         _stop(proc)

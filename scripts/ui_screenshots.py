@@ -19,13 +19,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gsm.io import wait_until_healthy  # noqa: E402
 from gsm.params import load_params  # noqa: E402
 
 WINDOW = "1600,1000"
@@ -44,20 +43,6 @@ def start_ui(store: str, artifacts: str, port: int) -> subprocess.Popen[bytes]:
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
     return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def wait_healthy(base: str, proc: subprocess.Popen[bytes], timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow ui exited with {proc.returncode} before answering")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise RuntimeError(f"mlflow ui did not answer at {base} within {timeout:.0f} s")
 
 
 def pages(store: str, experiment: str, model: str) -> dict[str, str]:
@@ -110,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     base = f"http://127.0.0.1:{port}"
     proc = start_ui(store, p.mlflow.artifact_root, port)
     try:
-        wait_healthy(base, proc)
+        wait_until_healthy(f"{base}/health", proc, 90.0, f"mlflow ui at {base}")
         a.out.mkdir(parents=True, exist_ok=True)
         for name, route in pages(store, p.mlflow.experiment, p.mlflow.model_name).items():
             shoot(browser, f"{base}/#{route}", a.out / f"{name}.png")
