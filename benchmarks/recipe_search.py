@@ -40,6 +40,7 @@ from gsm.models.plain_cnn import PlainCNN, PlainCNNConfig  # noqa: E402
 from gsm.params import Params, load_params  # noqa: E402
 from gsm.train.checkpoint import load_checkpoint, load_weights, weights_of  # noqa: E402
 from gsm.train.trainer import train_stage  # noqa: E402
+from plain_cnn import _iteration_times  # noqa: E402  (the trainer's metrics.jsonl reader)
 
 KINDS = ("reds", "vimeo")
 
@@ -76,7 +77,8 @@ def network(net: str, p: Params) -> torch.nn.Module:
 
 
 def seconds_per_iter(metrics: Path) -> float:
-    times = [r["time"] for r in map(json.loads, metrics.read_text().splitlines()) if "time" in r]
+    """Median step time over the whole trial (plain_cnn's calibration also skips its warm-up steps)."""
+    times = _iteration_times(metrics)
     steps = [b - a for a, b in zip(times, times[1:])]
     return statistics.median(steps) if steps else float("nan")
 

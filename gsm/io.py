@@ -125,6 +125,15 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now, for a local server the project starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def wait_until_healthy(url: str, proc: Any, timeout: float, what: str, hint: str = "") -> None:
     """Poll `url` until it answers 200 or `proc` (a Popen of the server) exits, for local servers
     started by the project (Prefect, the MLflow UI); `what` and `hint` name it in the error."""

@@ -18,7 +18,6 @@ import asyncio
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -26,7 +25,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-from gsm.io import wait_until_healthy
+from gsm.io import free_port, wait_until_healthy
 from gsm.params import Params, load_params
 
 
@@ -81,12 +80,6 @@ def _check_scheduler_deps() -> None:
                            f" (no run would ever be scheduled); install sqlalchemy<2.1 (`make setup`)")  # fmt: skip
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _tied_to(parent: int) -> Callable[[], None]:
     """preexec_fn for the server: on Linux it gets SIGTERM when `parent` dies, even by kill -9, so
     a killed `make schedule` does not leave a server listening. Elsewhere only the `finally` below
@@ -122,7 +115,7 @@ def local_server(port: int = 0, ui: bool = False, timeout: float = 120.0) -> Ite
     from prefect.settings import PREFECT_HOME
 
     _check_scheduler_deps()
-    port = port or _free_port()
+    port = port or free_port()
     home = Path(PREFECT_HOME.value())
     home.mkdir(parents=True, exist_ok=True)
     log_path = home / "gsm-serve-server.log"

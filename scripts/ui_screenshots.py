@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,17 +23,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gsm.io import wait_until_healthy  # noqa: E402
+from gsm.io import free_port, wait_until_healthy  # noqa: E402
 from gsm.params import load_params  # noqa: E402
 
 WINDOW = "1600,1000"
 RENDER_MS = 45000  # virtual time the page gets to fetch and draw before the shot
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_ui(store: str, artifacts: str, port: int) -> subprocess.Popen[bytes]:

@@ -61,7 +61,7 @@ def test_dry_run_and_bad_input(no_server: None, tmp_path: Path, monkeypatch: pyt
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from pipelines.deploy import main
-    from pipelines.serve import _free_port
+    from gsm.io import free_port
 
     monkeypatch.chdir(REPO)
     params = _params(tmp_path, retrain_cron="15 4 * * 2", timezone="Europe/Berlin")
@@ -80,7 +80,7 @@ def test_dry_run_and_bad_input(no_server: None, tmp_path: Path, monkeypatch: pyt
     _one_line_error(capsys, "PREFECT_API_URL is not set")
     assert main(["--params", str(params), "--workdir", "srv/gsm"]) == 2
     _one_line_error(capsys, "--workdir must be an absolute path")
-    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{_free_port()}/api"}):
+    with temporary_settings(updates={PREFECT_API_URL: f"http://127.0.0.1:{free_port()}/api"}):
         assert main(["--params", str(params)]) == 2
     _one_line_error(capsys, "no Prefect server answers at PREFECT_API_URL=http://127.0.0.1:")
 
