@@ -66,7 +66,8 @@ def stage_seconds(metrics: Path) -> float:
 def _train(p: Params, stage: str, iters: int, out: Path, init: Path | None) -> Path:
     """Train the CNN for one stage with that stage's recipe, `iters` iterations, no validation."""
     manifest = read_manifest(p.data)
-    cfg = replace(p.train.stage(stage), iters=iters, val_every=iters + 1, ckpt_every=iters, init_from=None)
+    cfg = replace(p.train.stage(stage), iters=iters, val_every=iters + 1, ckpt_every=iters, init_from=None,
+                  cache_flows=False)  # no flows to cache: the GSM's stage time includes its cache
     dataset, _ = stages.train_inputs(replace(p, train=replace(p.train, **{stage: cfg})), manifest, stage)  # type: ignore[arg-type]
     r = train_stage(stage, cfg, p.model, dataset, out / stage, seed=p.train.seed, init_from=init,
                     device=p.train.device, network=lambda: PlainCNN(PlainCNNConfig()), progress=True)  # fmt: skip

@@ -100,6 +100,8 @@ def validate(model: torch.nn.Module, p: Params) -> dict[str, float]:
 
 def trial(a: argparse.Namespace) -> dict[str, Any]:
     model_kw, train_kw = overrides(a.m, "-m"), overrides(a.t, "-t")
+    if a.net == "cnn":
+        train_kw.setdefault("cache_flows", False)  # the CNN has no SpyNet
     p = trial_params(load_params(a.params), a.stage, model_kw, train_kw)
     cfg = p.train.stage(a.stage)
     dataset, _ = stages.train_inputs(p, read_manifest(p.data), a.stage)  # type: ignore[arg-type]

@@ -183,7 +183,8 @@ def test_tiled_network_output_has_full_size_and_is_close_to_untiled_in_tile_inte
 
 
 @pytest.mark.parametrize("cfg", [TINY, dataclasses.replace(TINY, align="bilinear", window=3, anchor="forward",
-                                                            bidirectional=False)])
+                                                            bidirectional=False),
+                                 dataclasses.replace(TINY, recon_blocks=2, upsampler="direct")])
 def test_dense_mac_count_matches_torch_flop_counter(cfg: GSMConfig) -> None:
     model = build(cfg).eval()
     t, h, w = 3, 16, 24
@@ -195,6 +196,30 @@ def test_dense_mac_count_matches_torch_flop_counter(cfg: GSMConfig) -> None:
     # Exact, layer for layer: convs, linears and the alignment's attention matmuls.
     assert sum(analytic.dense.values()) == measured_macs
 
+
+
+def test_reconstruction_variants_keep_the_paper_layout() -> None:
+    """recon_blocks and upsampler add or swap layers; the paper's keys (its checkpoints) stay as they were."""
+    paper = {k for k in build(TINY).state_dict() if k.startswith("recon.")}
+    assert paper == {f"recon.{n}.{p}" for n in ("conv_in", "up1", "up2", "conv_hr", "conv_last") for p in ("weight", "bias")}
+    direct = build(dataclasses.replace(TINY, recon_blocks=2, upsampler="direct"))
+    keys = {k for k in direct.state_dict() if k.startswith("recon.")}
+    assert keys == {f"recon.{n}.{p}" for n in ("conv_in", "body.0.conv1", "body.0.conv2", "body.1.conv1",
+                                                 "body.1.conv2", "conv_last") for p in ("weight", "bias")}
+    assert direct.recon.conv_last.out_channels == 48
+    x = clip(3, 8, 12)
+    with torch.no_grad():
+        out = direct.eval()(x)
+    assert out.shape == (1, 3, 3, 32, 48)
+    # a zeroed last conv leaves exactly the bilinear base
+    with torch.no_grad():
+        direct.recon.conv_last.weight.zero_()
+        base = torch.nn.functional.interpolate(x.flatten(0, 1), scale_factor=4, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(direct(x), base.view_as(out))
+    for bad, match in (({"recon_blocks": -1}, "recon_blocks: must be a non-negative integer"),
+                       ({"upsampler": "nearest"}, "upsampler: must be one of progressive, direct")):
+        with pytest.raises(ValueError, match=match):
+            dataclasses.replace(TINY, **bad)
 
 
 def test_small_config_is_the_cpu_one() -> None:

@@ -15,6 +15,7 @@ see it).
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,37 @@ def _to_tensor(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(chw).float().div_(255.0)
 
 
+@dataclass(frozen=True)
+class View:
+    """Where a sample was cut (LR pixels) and how it was flipped: what cached flows must follow."""
+
+    y: int
+    x: int
+    h: int
+    w: int
+    hflip: bool
+    vflip: bool
+    transpose: bool
+
+
+def view_flows(flows: np.ndarray, view: View) -> np.ndarray:
+    """Whole-frame flows (..., 2, H, W), channels (dx, dy), cut and flipped like the sample's frames.
+
+    A flip mirrors the field and negates its component along the flipped axis; a transpose swaps
+    the axes and the two components.
+    """
+    out = flows[..., view.y:view.y + view.h, view.x:view.x + view.w]
+    sign = np.array([-1.0 if view.hflip else 1.0, -1.0 if view.vflip else 1.0], dtype=out.dtype)
+    out = out * sign[:, None, None]
+    if view.hflip:
+        out = out[..., ::-1]
+    if view.vflip:
+        out = out[..., ::-1, :]
+    if view.transpose:
+        out = out.swapaxes(-1, -2)[..., ::-1, :, :]
+    return np.ascontiguousarray(out)
+
+
 class _PairedClipBase(Dataset[Sample]):
     """Shared loading, validation, paired crop and augmentation of the training datasets."""
 
@@ -72,6 +104,9 @@ class _PairedClipBase(Dataset[Sample]):
         self.gt_store, self.lr_store = gt_store, lr_store
         self.gt_size, self.augment, self.seed, self.scale, self.repeat = gt_size, augment, seed, scale, repeat
         self.epoch = 0
+        # (key a, key b) -> whole-frame flow a -> b (2, H, W), set by gsm.train.flow_cache: samples
+        # then carry "flows", their pairs' flows cut and flipped like the frames.
+        self.flows: Mapping[tuple[str, str], np.ndarray] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         """New random draws per epoch while staying reproducible."""
@@ -91,13 +126,30 @@ class _PairedClipBase(Dataset[Sample]):
         """Every frame key this dataset can load (what preloading must hold)."""
         raise NotImplementedError
 
+    def flow_pairs(self) -> list[tuple[str, str]]:
+        """Every (a, b) of adjacent frames a sample can hold, both ways (what a flow cache must hold)."""
+        raise NotImplementedError
+
+    def _sample(self, keys: Sequence[str], rng: np.random.Generator, mirror: bool = False) -> Sample:
+        """The frames of `keys` (then reversed, when mirror) with, once a cache is set, their flows."""
+        lq, gt, view = self._load(keys, rng)
+        if mirror:
+            lq, gt, keys = torch.cat([lq, lq.flip(0)]), torch.cat([gt, gt.flip(0)]), [*keys, *keys[::-1]]
+        sample: Sample = {"lq": lq, "gt": gt}
+        if self.flows is not None:
+            pairs = list(zip(keys[:-1], keys[1:]))
+            whole = np.stack([np.stack([self.flows[a, b] for a, b in pairs]),
+                              np.stack([self.flows[b, a] for a, b in pairs])])  # (2, T-1, 2, H, W)
+            sample["flows"] = torch.from_numpy(view_flows(whole, view))
+        return sample
+
     def _check_patch_fits(self, key: str, h: int, w: int) -> None:
         if self.gt_size is not None and self.gt_size // self.scale > min(h, w):
             raise ValueError(
                 f"{key}: gt_size {self.gt_size} does not fit in a {w * self.scale}x{h * self.scale} GT frame"
             )
 
-    def _load(self, keys: Sequence[str], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    def _load(self, keys: Sequence[str], rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, View]:
         """Load, crop at one position for all frames, then flip/transpose all frames alike."""
         pairs = [load_pair(self.gt_store, self.lr_store, k, self.scale) for k in keys]
         h, w = pairs[0][0].shape[:2]
@@ -115,15 +167,14 @@ class _PairedClipBase(Dataset[Sample]):
             x = int(rng.integers(0, w - pw + 1))
         lqs = np.stack([lq[y : y + ph, x : x + pw] for lq, _ in pairs])
         gts = np.stack([gt[s * y : s * (y + ph), s * x : s * (x + pw)] for _, gt in pairs])
-        hflip, vflip, transpose = rng.random(3) < 0.5  # always drawn: later draws stay put
-        if self.augment:
-            if hflip:
-                lqs, gts = lqs[:, :, ::-1], gts[:, :, ::-1]
-            if vflip:
-                lqs, gts = lqs[:, ::-1], gts[:, ::-1]
-            if transpose:
-                lqs, gts = lqs.transpose(0, 2, 1, 3), gts.transpose(0, 2, 1, 3)
-        return _to_tensor(lqs), _to_tensor(gts)
+        hflip, vflip, transpose = (bool(v) and self.augment for v in rng.random(3) < 0.5)  # always drawn
+        if hflip:
+            lqs, gts = lqs[:, :, ::-1], gts[:, :, ::-1]
+        if vflip:
+            lqs, gts = lqs[:, ::-1], gts[:, ::-1]
+        if transpose:
+            lqs, gts = lqs.transpose(0, 2, 1, 3), gts.transpose(0, 2, 1, 3)
+        return _to_tensor(lqs), _to_tensor(gts), View(y, x, ph, pw, hflip, vflip, transpose)
 
 
 class RecurrentClipDataset(_PairedClipBase):
@@ -185,6 +236,16 @@ class RecurrentClipDataset(_PairedClipBase):
     def all_keys(self) -> list[str]:
         return [self.key_format.format(clip=c, frame=f) for c in self.clips for f in range(self.lengths[c])]
 
+    def flow_pairs(self) -> list[tuple[str, str]]:
+        key = lambda c, f: self.key_format.format(clip=c, frame=f)  # noqa: E731
+        steps = sorted(set(self.interval_list)) if self.num_frames > 1 else []
+        pairs = []
+        for c in self.clips:
+            for i in steps:
+                for f in range(self.lengths[c] - i):
+                    pairs += [(key(c, f), key(c, f + i)), (key(c, f + i), key(c, f))]
+        return pairs
+
     def frame_indices(self, index: int) -> tuple[str, list[int]]:
         """The clip and frame numbers item `index` loads (exposed for tests and debugging)."""
         return self._pick(index, self._rng(index))
@@ -205,8 +266,7 @@ class RecurrentClipDataset(_PairedClipBase):
         rng = self._rng(index)
         clip, frames = self._pick(index, rng)
         keys = [self.key_format.format(clip=clip, frame=f) for f in frames]
-        lq, gt = self._load(keys, rng)
-        return {"lq": lq, "gt": gt, "key": keys[0]}
+        return {**self._sample(keys, rng), "key": keys[0]}
 
 
 class SeptupletDataset(_PairedClipBase):
@@ -248,14 +308,20 @@ class SeptupletDataset(_PairedClipBase):
         seq = self.sequences[index % len(self.sequences)]
         return [self.key_format.format(seq=seq, frame=i) for i in range(1, self.num_frames + 1)]
 
+    def flow_pairs(self) -> list[tuple[str, str]]:
+        pairs = []
+        for i in range(len(self.sequences)):
+            keys = self.keys(i)
+            pairs += [p for a, b in zip(keys[:-1], keys[1:]) for p in ((a, b), (b, a))]
+            if self.mirror:  # the mirrored clip meets its last frame twice
+                pairs.append((keys[-1], keys[-1]))
+        return pairs
+
     def __getitem__(self, index: int) -> Sample:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        keys = self.keys(index)
-        lq, gt = self._load(keys, self._rng(index))
-        if self.mirror:
-            lq, gt = torch.cat([lq, lq.flip(0)]), torch.cat([gt, gt.flip(0)])
-        return {"lq": lq, "gt": gt, "key": self.sequences[index % len(self.sequences)]}
+        sample = self._sample(self.keys(index), self._rng(index), mirror=self.mirror)
+        return {**sample, "key": self.sequences[index % len(self.sequences)]}
 
 
 class VideoTestDataset(Dataset[Sample]):

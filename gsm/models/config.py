@@ -10,7 +10,9 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "align": ("implicit", "bilinear"),
     "scan_order": ("temporal_first", "spatial_first"),
     "scan_impl": ("auto", "cuda", "numba", "torch", "reference"),
+    "upsampler": ("progressive", "direct"),
 }
+_MAY_BE_ZERO = ("recon_blocks",)
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,8 @@ class GSMConfig:
     expand: int = 2  # Mamba d_inner = expand * C
     ffn_ratio: int = 4  # GSM block FFN hidden = ffn_ratio * C
     mid_channels: int = 64  # reconstruction width
+    recon_blocks: int = 0  # residual blocks at LR before upsampling (paper: none)
+    upsampler: str = "progressive"  # paper: 2 x [conv, shuffle x2], convs at HR; "direct": conv at LR, shuffle x4
     anchor: str = "center"  # "center": window centred on t; "forward": window starts at t
     scatter: bool = True  # False: only the anchor frame is updated
     align: str = "implicit"
@@ -41,8 +45,10 @@ class GSMConfig:
 
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise bad(f.name, "must be a positive integer")
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)
+                                    or value < (0 if f.name in _MAY_BE_ZERO else 1)):
+                raise bad(f.name, "must be a non-negative integer" if f.name in _MAY_BE_ZERO
+                          else "must be a positive integer")
             if f.type == "bool" and not isinstance(value, bool):
                 raise bad(f.name, "must be true or false")
         for name, choices in _CHOICES.items():

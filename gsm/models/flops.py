@@ -66,7 +66,9 @@ def count_macs(cfg: GSMConfig, t: int, h: int, w: int) -> MacCount:
         "mamba_conv": windows * (length + cfg.d_conv - 1) * dirs * d * cfg.d_conv,  # causal padding
         "ffn": windows * length * (2 * c * cfg.ffn_ratio * c + 27 * cfg.ffn_ratio * c),
         "fuse": t * p * c * c,
-        "recon": t * p * 9 * (c * mid + mid * 4 * mid + 4 * mid * 4 * mid + 16 * mid * mid + 16 * mid * 3),
+        "recon": t * p * 9 * (c * mid + 2 * cfg.recon_blocks * mid * mid + (
+            mid * 4 * mid + 4 * mid * 4 * mid + 16 * mid * mid + 16 * mid * 3 if cfg.upsampler == "progressive"
+            else mid * 48)),
     }
     other = {
         "swsa_attention": cfg.prop_layers * swsa_attention,

@@ -164,16 +164,39 @@ class Stage(nn.Module):
         return torch.stack(frames, dim=1) + shortcut
 
 
-class Reconstruction(nn.Module):
-    """Features (B*T, C, H, W) -> RGB residual (B*T, 3, 4H, 4W)."""
+class ResBlock(nn.Module):
+    """conv, LeakyReLU, conv, plus the input: the LR refinement of BasicVSR-family reconstructions."""
 
-    def __init__(self, dim: int, mid: int) -> None:
+    def __init__(self, c: int) -> None:
         super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.1))
+
+
+class Reconstruction(nn.Module):
+    """Features (B*T, C, H, W) -> RGB residual (B*T, 3, 4H, 4W).
+
+    upsampler "progressive" is the paper's: two [conv, x2 pixel shuffle] stages, then two convs at
+    4H x 4W. "direct" stays at LR and shuffles one conv's 3*16 channels into x4 RGB: on a CPU the
+    paper's high-resolution convs cost more than the rest of a small network (reports/recipe_search.md).
+    `blocks` residual blocks at LR precede either (paper: none).
+    """
+
+    def __init__(self, dim: int, mid: int, blocks: int = 0, upsampler: str = "progressive") -> None:
+        super().__init__()
+        self.upsampler = upsampler
         self.conv_in = nn.Conv2d(dim, mid, 3, padding=1)
-        self.up1 = nn.Conv2d(mid, mid * 4, 3, padding=1)
-        self.up2 = nn.Conv2d(mid, mid * 4, 3, padding=1)
-        self.conv_hr = nn.Conv2d(mid, mid, 3, padding=1)
-        self.conv_last = nn.Conv2d(mid, 3, 3, padding=1)
+        self.body = nn.Sequential(*(ResBlock(mid) for _ in range(blocks)))
+        if upsampler == "progressive":
+            self.up1 = nn.Conv2d(mid, mid * 4, 3, padding=1)
+            self.up2 = nn.Conv2d(mid, mid * 4, 3, padding=1)
+            self.conv_hr = nn.Conv2d(mid, mid, 3, padding=1)
+            self.conv_last = nn.Conv2d(mid, 3, 3, padding=1)
+        else:
+            self.conv_last = nn.Conv2d(mid, 3 * 16, 3, padding=1)
         # Start close to the bilinear base: a default-initialised last conv adds a random residual
         # that training first has to unlearn (the paper does not specify this layer's init).
         with torch.no_grad():
@@ -182,7 +205,9 @@ class Reconstruction(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         act = lambda v: F.leaky_relu(v, 0.1)  # noqa: E731
-        x = act(self.conv_in(x))
+        x = self.body(act(self.conv_in(x)))
+        if self.upsampler == "direct":
+            return F.pixel_shuffle(self.conv_last(x), 4)
         x = act(F.pixel_shuffle(self.up1(x), 2))
         x = act(F.pixel_shuffle(self.up2(x), 2))
         # A non-linearity between the two last convs, as in BasicVSR-family upsamplers.
@@ -202,18 +227,26 @@ class GSMamba(nn.Module):
         self.stages = nn.ModuleList(Stage(cfg) for _ in range(cfg.prop_layers))
         self.norm = nn.LayerNorm(c)
         self.fuse = nn.Linear(c, c)
-        self.recon = Reconstruction(c, cfg.mid_channels)
+        self.recon = Reconstruction(c, cfg.mid_channels, cfg.recon_blocks, cfg.upsampler)
 
-    def forward(self, lqs: Tensor, reference: bool = False) -> Tensor:
+    def forward(self, lqs: Tensor, reference: bool = False, flows: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """lqs: (B, T, 3, H, W) in [0, 1] -> (B, T, 3, 4H, 4W).
 
         reference: run the plain per-window formulation (Stage.forward_reference) instead of the
         batched one; same result, kept for tests and for reading.
+        flows: (fwd, bwd) as `compute_flows` returns them, when already known (a frozen SpyNet's
+        flows cached by the trainer, gsm.train.flow_cache); SpyNet is not run then.
         """
         if lqs.dim() != 5 or lqs.shape[2] != 3:
             raise ValueError(f"GSMamba expects (B, T, 3, H, W) input, got {tuple(lqs.shape)}")
         b, t, _, h, w = lqs.shape
-        fwd, bwd = compute_flows(self.spynet, lqs)
+        if flows is None:
+            fwd, bwd = compute_flows(self.spynet, lqs)
+        else:
+            fwd, bwd = flows
+            if fwd.shape != (b, t - 1, 2, h, w) or bwd.shape != fwd.shape:
+                raise ValueError(f"flows must be two (B, T-1, 2, H, W) = {(b, t - 1, 2, h, w)} tensors, "
+                                 f"got {tuple(fwd.shape)} and {tuple(bwd.shape)}")
         feat = self.embed(lqs.flatten(0, 1)).view(b, t, -1, h, w)
 
         x = feat

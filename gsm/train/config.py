@@ -41,6 +41,9 @@ class StageConfig:
     weight_decay: float = 0.0
     eta_min: float = 1e-7  # cosine annealing floor of the main group (the flow group's is scaled)
     fix_flow: int = 5000  # SpyNet frozen for this many iterations
+    # SpyNet run once per training frame pair instead of per sample (gsm.train.flow_cache): needs
+    # SpyNet frozen for the whole stage and small data (the flows stay in memory).
+    cache_flows: bool = False
     flow_lr_mult: float = 0.125  # SpyNet lr = flow_lr_mult x main lr afterwards
     charbonnier_eps: float = 1e-12
     ema_decay: float = 0.999  # 0 disables the EMA copy
@@ -87,6 +90,11 @@ class StageConfig:
             raise bad("ema_decay", "must be in [0, 1)")
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
             raise bad("grad_clip", "must be a positive number or null")
+        if self.cache_flows and self.fix_flow < self.iters:
+            raise ValueError(f"cache_flows needs SpyNet frozen for the whole stage: fix_flow ({self.fix_flow}) "
+                             f"must be >= iters ({self.iters})")
+        if self.cache_flows and self.mirror:
+            raise ValueError("cache_flows cannot follow the trainer's mirroring: set mirror false")
         if self.init_from is not None and not self.init_from.strip():
             raise bad("init_from", "must be a stage name, a checkpoint path or null")
 
