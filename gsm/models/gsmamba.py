@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from gsm.models.blocks import ResBlock
 from gsm.models.config import GSMConfig
 from gsm.models.gsm_block import GSMBlock
 from gsm.models.swsa import SWSA
@@ -164,32 +165,21 @@ class Stage(nn.Module):
         return torch.stack(frames, dim=1) + shortcut
 
 
-class ResBlock(nn.Module):
-    """conv, LeakyReLU, conv, plus the input: the LR refinement of BasicVSR-family reconstructions."""
-
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv2(F.leaky_relu(self.conv1(x), 0.1))
-
-
 class Reconstruction(nn.Module):
     """Features (B*T, C, H, W) -> RGB residual (B*T, 3, 4H, 4W).
 
     upsampler "progressive" is the paper's: two [conv, x2 pixel shuffle] stages, then two convs at
-    4H x 4W. "direct" stays at LR and shuffles one conv's 3*16 channels into x4 RGB: on a CPU the
-    paper's high-resolution convs cost more than the rest of a small network (reports/recipe_search.md).
-    `blocks` residual blocks at LR precede either (paper: none).
+    4H x 4W. "direct" stays at LR and shuffles one conv's 3*16 channels into x4 RGB, which skips the
+    high-resolution convs that dominate a small network's CPU step (on the quickstart it learned
+    less per step than it saved: reports/recipe_search.md). `blocks` residual blocks at LR precede
+    either (paper: none).
     """
 
     def __init__(self, dim: int, mid: int, blocks: int = 0, upsampler: str = "progressive") -> None:
         super().__init__()
         self.upsampler = upsampler
         self.conv_in = nn.Conv2d(dim, mid, 3, padding=1)
-        self.body = nn.Sequential(*(ResBlock(mid) for _ in range(blocks)))
+        self.body = nn.Sequential(*(ResBlock(mid, slope=0.1) for _ in range(blocks)))
         if upsampler == "progressive":
             self.up1 = nn.Conv2d(mid, mid * 4, 3, padding=1)
             self.up2 = nn.Conv2d(mid, mid * 4, 3, padding=1)

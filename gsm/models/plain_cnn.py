@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gsm.models.blocks import ResBlock
+
 
 @dataclass(frozen=True)
 class PlainCNNConfig:
@@ -32,16 +34,6 @@ class PlainCNNConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class ResBlock(nn.Module):
-    def __init__(self, c: int) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
-        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x + self.conv2(F.relu(self.conv1(x)))
 
 
 class PlainCNN(nn.Module):
