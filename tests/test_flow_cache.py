@@ -112,6 +112,10 @@ def test_recurrent_samples_carry_their_pairs_flows() -> None:
     assert set(ds.flows) == set(pairs)
     _check_samples(ds, len(ds))
     assert any(ds.frame_indices(i)[1][0] > ds.frame_indices(i)[1][1] for i in range(len(ds)))  # reversals seen
+    single = RecurrentClipDataset(gt, lr, ["a"], frames_per_clip=8, num_frames=1, gt_size=32, augment=False)
+    assert single.flow_pairs() == []
+    single.flows = compute_pair_flows(_stub_spynet, single, torch.device("cpu"), where="w", progress=False)
+    _check_samples(single, 1)  # no pair: empty flows, shaped as compute_flows gives them
 
 
 def test_mirrored_septuplets_carry_their_pairs_flows() -> None:

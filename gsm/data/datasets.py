@@ -138,9 +138,12 @@ class _PairedClipBase(Dataset[Sample]):
         sample: Sample = {"lq": lq, "gt": gt}
         if self.flows is not None:
             pairs = list(zip(keys[:-1], keys[1:]))
-            whole = np.stack([np.stack([self.flows[a, b] for a, b in pairs]),
-                              np.stack([self.flows[b, a] for a, b in pairs])])  # (2, T-1, 2, H, W)
-            sample["flows"] = torch.from_numpy(view_flows(whole, view))
+            if pairs:
+                whole = np.stack([np.stack([self.flows[a, b] for a, b in pairs]),
+                                  np.stack([self.flows[b, a] for a, b in pairs])])  # (2, T-1, 2, H, W)
+                sample["flows"] = torch.from_numpy(view_flows(whole, view))
+            else:  # a single frame: no pair, as compute_flows gives it
+                sample["flows"] = lq.new_zeros(2, 0, 2, *lq.shape[-2:])
         return sample
 
     def _check_patch_fits(self, key: str, h: int, w: int) -> None:
