@@ -138,10 +138,10 @@ class _PairedClipBase(Dataset[Sample]):
         sample: Sample = {"lq": lq, "gt": gt}
         if self.flows is not None:
             pairs = list(zip(keys[:-1], keys[1:]))
-            if pairs:
-                whole = np.stack([np.stack([self.flows[a, b] for a, b in pairs]),
-                                  np.stack([self.flows[b, a] for a, b in pairs])])  # (2, T-1, 2, H, W)
-                sample["flows"] = torch.from_numpy(view_flows(whole, view))
+            if pairs:  # each pair's flow cut to the sample before stacking, not the whole frames
+                fwd = np.stack([view_flows(self.flows[a, b], view) for a, b in pairs])
+                bwd = np.stack([view_flows(self.flows[b, a], view) for a, b in pairs])
+                sample["flows"] = torch.from_numpy(np.stack([fwd, bwd]))  # (2, T-1, 2, h, w)
             else:  # a single frame: no pair, as compute_flows gives it
                 sample["flows"] = lq.new_zeros(2, 0, 2, *lq.shape[-2:])
         return sample

@@ -45,10 +45,10 @@ class GSMConfig:
 
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool)
-                                    or value < (0 if f.name in _MAY_BE_ZERO else 1)):
-                raise bad(f.name, "must be a non-negative integer" if f.name in _MAY_BE_ZERO
-                          else "must be a positive integer")
+            zero_ok = f.name in _MAY_BE_ZERO
+            low = 0 if zero_ok else 1
+            if f.type == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < low):
+                raise bad(f.name, "must be a non-negative integer" if zero_ok else "must be a positive integer")
             if f.type == "bool" and not isinstance(value, bool):
                 raise bad(f.name, "must be true or false")
         for name, choices in _CHOICES.items():

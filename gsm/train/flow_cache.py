@@ -1,8 +1,8 @@
 """SpyNet's flows computed once per training frame pair, for stages that keep SpyNet frozen.
 
 A frozen SpyNet gives the same flow for a frame pair at every iteration, yet a training step
-recomputes it for every sampled clip: on a CPU that is about a quarter of the quickstart's step
-(reports/train_speed.md). With `train.<stage>.cache_flows` the trainer runs SpyNet once over the
+recomputes it for every sampled clip: on a CPU that is about a fifth of the quickstart's step
+(reports/flow_cache.md). With `train.<stage>.cache_flows` the trainer runs SpyNet once over the
 whole LR frames of every adjacent pair the dataset can sample; each sample then carries its pairs'
 flows cut and flipped like its frames (gsm.data.datasets.view_flows).
 
