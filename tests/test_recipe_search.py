@@ -43,3 +43,66 @@ def test_table_has_a_row_per_trial_with_signed_gains_and_notes() -> None:
     assert lines[4] == "| trial | net | stage | overrides | iters | s/it | train s | X val gain | Y val gain | note |"
     assert lines[6] == "| a | cnn | reds | `iters=10` | 10 | 0.070 | 1 | +1.23 | -0.50 | why |"
     assert lines[7] == "| b | gsm | reds | `embed_dim=16` | 5 | 0.400 | 2 | +0.10 | - |  |"
+
+
+def test_curve_point_is_the_gain_over_bicubic_at_training_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A point holds each set's mean Y-PSNR gain over its crops' bicubic, and a clock that leaves
+    the scoring's own seconds out."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from gsm.eval.metrics import psnr
+
+    rng = np.random.default_rng(0)
+    gts = [rng.integers(0, 256, (32, 48, 3), dtype=np.uint8) for _ in range(2)]
+    out = torch.rand(1, 2, 3, 32, 48)
+    clock = [100.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    class Slow(torch.nn.Module):
+        def forward(self, lq: torch.Tensor) -> torch.Tensor:
+            clock[0] += 7.0  # scoring takes 7 s of the clock
+            return out
+
+    crops = [("X val", torch.zeros(2, 3, 8, 12), gts, 20.0), ("X val", torch.zeros(2, 3, 8, 12), gts, 22.0)]
+    points: list[dict[str, float]] = []
+    score = recipe_search.curve_validator(crops, points, t0=40.0)
+    frames = recipe_search.to_uint8(out[0])
+    y = float(np.mean([psnr(frames[i], gts[i], crop_border=8, y_channel=True) for i in range(2)]))
+    assert score(Slow()) == {"psnr": round(y - 21.0, 3)}
+    clock[0] += 30.0  # 30 s of training
+    score(Slow())
+    assert points == [{"t": 60.0, "X val gain": round(y - 21.0, 3)}, {"t": 90.0, "X val gain": round(y - 21.0, 3)}]
+
+
+def test_curve_trial_records_points_and_the_table_draws_them(tiny_params, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """`--curve 1` on the tiny pipeline: a point per iteration with both sets' gains, rising clock."""
+    import json
+
+    import yaml
+
+    from gsm import stages
+    from gsm.params import load_params
+
+    raw = yaml.safe_load(tiny_params.read_text())
+    raw["mlflow"]["tracking_uri"] = None
+    tiny_params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    p = load_params(tiny_params)
+    for make in (stages.download, stages.degrade, stages.pack):
+        make(p, progress=False)
+    out = tmp_path / "trials.jsonl"
+    base = ["--params", str(tiny_params), "--out", str(out)]
+    assert recipe_search.main(["t", "-t", "iters=2", "--curve", "1", *base]) == 0
+    row = json.loads(out.read_text())
+    sets = ["quickstart-REDS val gain", "quickstart-Vimeo val gain"]
+    assert [sorted(pt) for pt in row["curve"]] == [sorted(["t", *sets])] * 2
+    assert 0 < row["curve"][0]["t"] < row["curve"][1]["t"] <= row["train_s"]
+    assert all(-30 < pt[s] < 30 for pt in row["curve"] for s in sets)
+    assert recipe_search.main(["--table", "--out", str(out)]) == 0
+    md = out.with_suffix(".md").read_text()
+    pt = row["curve"][1]
+    assert f"{pt['t']:.0f} s: {pt[sets[0]]:+.2f} / {pt[sets[1]]:+.2f}" in md.split("## Learning curves")[1]
+    assert recipe_search.main(["u", "--curve", "-1", *base]) == 2
+    assert "--curve must be a number of iterations >= 1 (0: no curve), got -1" in capsys.readouterr().err
