@@ -170,9 +170,10 @@ class Reconstruction(nn.Module):
 
     upsampler "progressive" is the paper's: two [conv, x2 pixel shuffle] stages, then two convs at
     4H x 4W. "direct" stays at LR and shuffles one conv's 3*16 channels into x4 RGB, which skips the
-    high-resolution convs that dominate a small network's CPU step (on the quickstart it learned
-    less per step than it saved: reports/recipe_search.md). `blocks` residual blocks at LR precede
-    either (paper: none).
+    high-resolution convs that take a third of a small network's CPU step. `blocks` residual blocks
+    at LR precede either (paper: none; BasicVSR++'s reconstruction has them). The CPU quickstart
+    uses "direct" after 6 blocks of 32: with the paper's reconstruction at width 16 it stopped
+    improving after ~800 steps (reports/recipe_search.md, learning curves).
     """
 
     def __init__(self, dim: int, mid: int, blocks: int = 0, upsampler: str = "progressive") -> None:
