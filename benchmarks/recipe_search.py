@@ -8,7 +8,7 @@ Why a separate harness: the recipe must be chosen on clips that are never report
 scores only the validation split (the quickstart's frames between train and test); the test
 clips stay for `gsm evaluate`. Each trial starts from params.yaml, overrides `model` (-m) and the
 stage's training keys (-t), trains with the project's trainer (no checkpoints beyond the last,
-no validation curve), and appends one JSON line: the overrides, the measured seconds per
+no validation during training unless --curve), and appends one JSON line: the overrides, the measured seconds per
 iteration, the validation PSNR of every set and its gain over MATLAB bicubic. Run trials one at a
 time: on 2 cores two concurrent trials slow each other 2.5-3x, and s/it would mean nothing.
 
@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +140,8 @@ def curve_crops(p: Params) -> list[Crop]:
     return crops
 
 
-def curve_validator(crops: list[Crop], points: list[dict[str, float]], t0: float) -> Any:
+def curve_validator(crops: list[Crop], points: list[dict[str, float]], t0: float,
+                    ) -> Callable[[torch.nn.Module], dict[str, float]]:
     """The trainer's `validate`: appends {"t": training s, "<set> gain": ...} to `points`.
 
     Returns the REDS-like gain as "psnr" (the trainer keeps a best.pt by it; the trial scores last).
@@ -207,7 +209,8 @@ def table(rows: list[dict[str, Any]]) -> str:
     if curves:
         lines += ["", "## Learning curves (`--curve`)", "",
                   "Gains of the EMA weights over bicubic (Y-PSNR) on fixed validation crops, against training "
-                  "seconds (flow cache included, scoring excluded): one cell per point, `seconds: gains` in the "
+                  "seconds (flow cache included, scoring excluded; the table's train s includes the scoring): one "
+                  "cell per point, `seconds: gains` in the "
                   "order of the table's sets.", ""]  # fmt: skip
         for r in curves:
             cells = [f"{pt['t']:.0f} s: " + " / ".join(f"{pt[s]:+.2f}" for s in sets if s in pt) for pt in r["curve"]]
