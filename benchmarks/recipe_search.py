@@ -127,16 +127,17 @@ def curve_crops(p: Params) -> list[Crop]:
         if not manifest.get(kind):
             continue
         ts = eval_sets(manifest, kind, split="val")[0]  # type: ignore[arg-type]
+        s = ts.dataset.scale
         for i in range(1 if kind == "reds" else min(CURVE_VIMEO, len(ts.dataset))):
             sample = ts.dataset[i]
             lq, gt = sample["lq"], sample["gt"]
             if kind == "reds":
-                (h, w), s = lq.shape[-2:], gt.shape[-1] // lq.shape[-1]
+                h, w = lq.shape[-2:]
                 ch, cw = min(CURVE_REDS_CROP[0], h), min(CURVE_REDS_CROP[1], w)
                 y, x = (h - ch) // 2, (w - cw) // 2
                 lq, gt = lq[:, :, y:y + ch, x:x + cw], gt[:, :, y * s:(y + ch) * s, x * s:(x + cw) * s]
             gts = list(to_uint8(gt))
-            crops.append((ts.name, lq, gts, _y_psnr([bicubic_upsample(f) for f in to_uint8(lq)], gts)))
+            crops.append((ts.name, lq, gts, _y_psnr([bicubic_upsample(f, s) for f in to_uint8(lq)], gts)))
     return crops
 
 
