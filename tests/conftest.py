@@ -12,7 +12,8 @@ import yaml
 # Every size key pinned, so a checkpoint built from TINY_MODEL alone matches the tiny params whatever
 # params.yaml's model section says.
 TINY_MODEL = dict(embed_dim=16, num_heads=2, prop_layers=1, attn_depth=1, d_state=4, expand=1, ffn_ratio=2,
-                  mid_channels=16, recon_blocks=0, upsampler="progressive", window=3, scan_impl="torch",
+                  mid_channels=16, recon_blocks=0, upsampler="progressive", window=3, align="implicit",
+                  bidirectional=True, scan_impl="torch",
                   spynet_weights=None)  # fmt: skip
 TINY_STAGE = dict(iters=3, batch_size=2, gt_size=16, lr=1e-3, fix_flow=1, cache_flows=False, workers=0, ckpt_every=2, val_every=2,
                   log_every=1, ema_decay=0.5)  # fmt: skip
