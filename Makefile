@@ -59,8 +59,9 @@ setup-cuda: $(STAMP)
 # Afterwards params.yaml and dvc.lock are the committed ones again, the checkpoints come back from
 # the DVC cache, and reports/ holds the last experiment's until `make repro` re-evaluates.
 WINDOW_ALT ?= 5   # the window-K ablation: the quickstart has K = 3; use WINDOW_ALT=3 for the paper's K = 5
+ALIGN_ALT ?= implicit  # the alignment ablation: the quickstart aligns bilinearly; ALIGN_ALT=bilinear for the paper
 ABLATIONS := anchor-forward=model.anchor=forward no-scatter=model.scatter=false \
-             bilinear-align=model.align=bilinear spatial-first=model.scan_order=spatial_first \
+             $(strip $(ALIGN_ALT))-align=model.align=$(strip $(ALIGN_ALT)) spatial-first=model.scan_order=spatial_first \
              window-$(strip $(WINDOW_ALT))=model.window=$(strip $(WINDOW_ALT))
 ablations: $(STAMP)
 	set -e; for a in $(ABLATIONS); do \
