@@ -1,4 +1,5 @@
-"""`make paper-params` (the switch `make repro-paper` starts with) never overwrites a user's edits."""
+"""`make paper-params` (the switch `make repro-paper` starts with) never overwrites a user's edits, and
+`make ablations` changes each ablated param away from its profile's value."""
 
 from __future__ import annotations
 
@@ -40,3 +41,26 @@ def test_paper_switch_refuses_uncommitted_params_edits(tmp_path: Path) -> None:
     params.write_text(paper + "# a Vid4 mirror set here\n")  # an edit to the paper profile itself
     assert _run(tmp_path, "make", "paper-params").returncode != 0
     assert params.read_text().endswith("# a Vid4 mirror set here\n")
+
+
+def _ablations(*make_vars: str) -> dict[str, str]:
+    """`make ablations`'s experiments as {dotted param: value}, read from its dry run."""
+    r = subprocess.run(["make", "-n", "ablations", *make_vars], cwd=REPO, env=ENV, capture_output=True, text=True,
+                       timeout=60)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    listed = r.stdout.split("for a in ", 1)[1].split(";", 1)[0].split()
+    return dict(item.split("=", 1)[1].split("=", 1) for item in listed)
+
+
+@pytest.mark.parametrize(("profile", "make_vars"), [("params.yaml", ()),
+                                                    ("configs/paper.yaml", ("ALIGN_ALT=bilinear", "WINDOW_ALT=3"))])
+def test_every_ablation_changes_its_profiles_value(profile: str, make_vars: tuple[str, ...]) -> None:
+    """An ablation that sets a param to the value the profile already has would retrain nothing new."""
+    import yaml
+
+    params = yaml.safe_load((REPO / profile).read_text())
+    ablations = _ablations(*make_vars)
+    assert {"model.anchor", "model.scatter", "model.align", "model.scan_order", "model.window"} == set(ablations)
+    for dotted, value in ablations.items():
+        section, key = dotted.split(".")
+        assert str(params[section][key]).lower() != value.lower(), f"{dotted}={value} is already {profile}'s"
