@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import REPO
 
 pytestmark = pytest.mark.skipif(not (shutil.which("make") and shutil.which("git")), reason="needs make and git")
@@ -45,8 +46,7 @@ def test_paper_switch_refuses_uncommitted_params_edits(tmp_path: Path) -> None:
 
 def _ablations(*make_vars: str) -> dict[str, str]:
     """`make ablations`'s experiments as {dotted param: value}, read from its dry run."""
-    r = subprocess.run(["make", "-n", "ablations", *make_vars], cwd=REPO, env=ENV, capture_output=True, text=True,
-                       timeout=60)  # fmt: skip
+    r = _run(REPO, "make", "-n", "ablations", *make_vars)
     assert r.returncode == 0, r.stderr
     listed = r.stdout.split("for a in ", 1)[1].split(";", 1)[0].split()
     return dict(item.split("=", 1)[1].split("=", 1) for item in listed)
@@ -56,8 +56,6 @@ def _ablations(*make_vars: str) -> dict[str, str]:
                                                     ("configs/paper.yaml", ("ALIGN_ALT=bilinear", "WINDOW_ALT=3"))])
 def test_every_ablation_changes_its_profiles_value(profile: str, make_vars: tuple[str, ...]) -> None:
     """An ablation that sets a param to the value the profile already has would retrain nothing new."""
-    import yaml
-
     params = yaml.safe_load((REPO / profile).read_text())
     ablations = _ablations(*make_vars)
     assert {"model.anchor", "model.scatter", "model.align", "model.scan_order", "model.window"} == set(ablations)
