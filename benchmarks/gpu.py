@@ -897,6 +897,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None,
                     help="folder for gpu_runtime.json / .md, or the .json path (default reports/; smoke: a temp dir)")
     ap.add_argument("--skip-tests", action="store_true", help="do not run tests/test_cuda.py")
+    ap.add_argument("--skip", nargs="+", default=[], choices=[n for n, _ in PLAN], metavar="SECTION",
+                    help="sections not to run (their budget goes to the others): " + ", ".join(n for n, _ in PLAN))
     ap.add_argument("--time-budget", type=float, default=None,
                     help="seconds for all sections together (default 270; smoke: 900, CPUs are slow)")
     ap.add_argument("--smoke", action="store_true", help="everything on CPU with a tiny network (no GPU needed)")
@@ -939,14 +941,17 @@ def main() -> int:
         "profile_train": lambda b, d: section_profile(b, d, "train", args.profile_frames),
     }
     code = 0
-    for i, (name, weight) in enumerate(PLAN):
+    skip = set(args.skip) | ({"tests"} if args.skip_tests else set())
+    plan = [(n, w) for n, w in PLAN if n not in skip]
+    for name in skip:
+        result["sections"][name] = {"status": "skipped", "reason": "--skip-tests" if name == "tests" and
+                                    args.skip_tests else f"--skip {name}", "budget_s": 0, "elapsed_s": 0}
+    for i, (name, weight) in enumerate(plan):
         left = deadline - time.monotonic()
-        budget = left * weight / sum(w for _, w in PLAN[i:])
+        budget = left * weight / sum(w for _, w in plan[i:])
         rec: dict[str, Any] = {"budget_s": round(budget, 1)}
         start = time.monotonic()
-        if name == "tests" and args.skip_tests:
-            rec.update(status="skipped", reason="--skip-tests")
-        elif bench is None and name != "tests":
+        if bench is None and name != "tests":
             rec.update(status="error", error="setup failed (see environment.setup_error)")
         elif budget < MIN_SECTION_S:
             rec.update(status="skipped", reason=f"time budget spent ({budget:.1f} s offered)")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from gsm.models.config import GSMConfig
-from gsm.models.gsm_block import depthwise_conv3d_k3
+from gsm.models.gsm_block import WindowFFN, depthwise_conv3d_k3
 from gsm.models.gsmamba import GSMamba, Stage, layer_geometry, plan_windows
 from gsm.ops.align import ImplicitAlign
 from gsm.ops.backend import resolve_impl
@@ -134,9 +134,10 @@ def test_network_fast_path_matches_reference(change: dict, frames: int) -> None:
     _close_grads([g_fast[n] for n in names], [g_slow[n] for n in names], names)
 
 
-def test_depthwise_conv3d_2d_form_matches_conv3d_values_and_gradients() -> None:
+@pytest.mark.parametrize("k", [1, 2, 5])
+def test_depthwise_conv3d_2d_form_matches_conv3d_values_and_gradients(k: int) -> None:
     torch.manual_seed(0)
-    x = torch.randn(2, 5, 7, 6, 12, requires_grad=True)  # (B, K, H, W, D)
+    x = torch.randn(2, k, 7, 6, 12, requires_grad=True)  # (B, K, H, W, D)
     weight = torch.randn(12, 1, 3, 3, 3, requires_grad=True)
     bias = torch.randn(12, requires_grad=True)
     three = depthwise_conv3d_k3(x, weight, bias, as_2d=False)
@@ -147,6 +148,16 @@ def test_depthwise_conv3d_2d_form_matches_conv3d_values_and_gradients() -> None:
     grad = torch.randn_like(two)
     for a, e in zip(torch.autograd.grad(two, (x, weight, bias), grad), torch.autograd.grad(three, (x, weight, bias), grad)):
         _close(a, e)
+
+
+def test_window_ffn_keeps_the_3d_conv_on_cpu() -> None:
+    """The 2-D form is CUDA's (reports/dwconv_gpu.md); on CPU, where it is slower without grad, the
+    FFN's default must stay the 3-D conv bit for bit, so CPU-trained results do not move."""
+    torch.manual_seed(0)
+    ffn = WindowFFN(8, 2)
+    x = torch.randn(1, 3, 5, 4, 8)
+    assert torch.equal(ffn(x), ffn(x, as_2d=False))
+    assert not torch.equal(ffn(x), ffn(x, as_2d=True))  # the forms differ in round-off, so this can tell
 
 
 def _state_digest(cfg: GSMConfig) -> tuple[str, int]:

@@ -103,21 +103,22 @@ class BiMamba(nn.Module):
 def depthwise_conv3d_k3(x: Tensor, weight: Tensor, bias: Tensor | None, as_2d: bool) -> Tensor:
     """Depthwise 3x3x3 conv, zero padding 1, on channels-last x (B, K, H, W, D) -> same layout.
 
-    as_2d computes it as one depthwise 2-D conv with three outputs per channel (one per temporal
-    tap; weight (D, 1, 3, 3, 3) read as (3D, 1, 3, 3)) and a shifted sum over K. cuDNN has no fast
-    depthwise 3-D backward (pytorch/pytorch#37406), so training on CUDA takes the 2-D form; its
-    forward is slower than the 3-D conv's at 180x320 (H200, bf16: 496 vs 288 ms per frame for the
-    whole network, reports/gpu_runtime.md), so inference keeps the 3-D conv, as does the CPU.
+    as_2d computes it as three depthwise 2-D convs, one per temporal tap, summed over shifted
+    frames. cuDNN has no fast depthwise 3-D backward (pytorch/pytorch#37406; on an H200 it took 95%
+    of the paper's training iteration, reports/gpu_runtime.md), so training on CUDA takes the 2-D
+    form; inference keeps the 3-D conv, whose forward is the faster one there, as does the CPU.
     """
     b, k, h, w, d = x.shape
     if not as_2d:
         return F.conv3d(x.permute(0, 4, 1, 2, 3), weight, bias, padding=1, groups=d).permute(0, 2, 3, 4, 1)
-    taps = F.conv2d(x.permute(0, 1, 4, 2, 3).flatten(0, 1), weight.view(3 * d, 1, 3, 3), None,
-                    padding=1, groups=d)  # (B*K, 3D, H, W), channel c*3 + kt = temporal tap kt
-    taps = F.pad(taps.view(b, k, d, 3, h, w), (0, 0, 0, 0, 0, 0, 0, 0, 1, 1))  # zero frames at both ends
-    out = taps[:, :-2, :, 0] + taps[:, 1:-1, :, 1] + taps[:, 2:, :, 2]  # frame j sees j-1, j, j+1
-    if bias is not None:
-        out = out + bias.view(1, 1, d, 1, 1)
+    frames = x.permute(0, 1, 4, 2, 3).reshape(b * k, d, h, w)  # every frame as a 2-D image
+
+    def tap(kt: int, b_: Tensor | None = None) -> Tensor:  # temporal tap kt on every frame: (B, K, D, H, W)
+        return F.conv2d(frames, weight[:, :, kt], b_, padding=1, groups=d).view(b, k, d, h, w)
+
+    out = tap(1, bias)
+    if k > 1:  # frame j also sees j-1 through tap 0 and j+1 through tap 2; the missing ends are zeros
+        out = out + F.pad(tap(0)[:, :-1], (0, 0, 0, 0, 0, 0, 1, 0)) + F.pad(tap(2)[:, 1:], (0, 0, 0, 0, 0, 0, 0, 1))
     return out.permute(0, 1, 3, 4, 2)
 
 
@@ -132,8 +133,8 @@ class WindowFFN(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor, as_2d: bool | None = None) -> Tensor:
-        """x: (B, K, H, W, C) -> same. as_2d: the conv's form; None: the 2-D form when training on CUDA."""
-        as_2d = x.is_cuda and torch.is_grad_enabled() if as_2d is None else as_2d
+        """x: (B, K, H, W, C) -> same. as_2d: the conv's form; None: the 2-D form on CUDA."""
+        as_2d = x.is_cuda if as_2d is None else as_2d
         h = depthwise_conv3d_k3(self.fc1(x), self.dwconv.weight, self.dwconv.bias, as_2d)
         return self.fc2(F.gelu(h))
 
