@@ -184,7 +184,8 @@ def test_tiled_network_output_has_full_size_and_is_close_to_untiled_in_tile_inte
 
 @pytest.mark.parametrize("cfg", [TINY, dataclasses.replace(TINY, align="bilinear", window=3, anchor="forward",
                                                             bidirectional=False),
-                                 dataclasses.replace(TINY, recon_blocks=2, upsampler="direct")])
+                                 dataclasses.replace(TINY, recon_blocks=2, upsampler="direct"),
+                                 dataclasses.replace(TINY, attn_depth=0)])
 def test_dense_mac_count_matches_torch_flop_counter(cfg: GSMConfig) -> None:
     model = build(cfg).eval()
     t, h, w = 3, 16, 24
@@ -220,6 +221,23 @@ def test_reconstruction_variants_keep_the_paper_layout() -> None:
                        ({"upsampler": "nearest"}, "upsampler: must be one of progressive, direct")):
         with pytest.raises(ValueError, match=match):
             dataclasses.replace(TINY, **bad)
+
+
+def test_attn_depth_zero_drops_the_attention_and_nothing_else() -> None:
+    """The no-SWSA ablation (reports/recipe_search.md): the stage's attention is the identity and
+    has no weights; every other key of the network is as with attention."""
+    cfg = dataclasses.replace(TINY, attn_depth=0)
+    model = build(cfg)
+    keys, full = set(model.state_dict()), set(build(TINY).state_dict())
+    assert keys == {k for k in full if ".swsa." not in k} and keys != full
+    x = torch.randn(1, 3, 4, 5, 16)
+    assert model.stages[0].swsa(x) is x
+    out = model(clip(3, 8, 12))
+    out.abs().mean().backward()
+    assert out.shape == (1, 3, 3, 32, 48) and all(p.grad is not None for n, p in model.named_parameters()
+                                                  if p.requires_grad and not n.startswith("spynet"))
+    with pytest.raises(ValueError, match="attn_depth: must be a non-negative integer"):
+        dataclasses.replace(TINY, attn_depth=-1)
 
 
 def test_small_config_is_the_cpu_one() -> None:

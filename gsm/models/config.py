@@ -12,7 +12,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "scan_impl": ("auto", "cuda", "numba", "torch", "reference"),
     "upsampler": ("progressive", "direct"),
 }
-_MAY_BE_ZERO = ("recon_blocks",)
+_MAY_BE_ZERO = ("recon_blocks", "attn_depth")
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,7 @@ class GSMConfig:
     embed_dim: int = 192  # C
     num_heads: int = 8  # SWSA and implicit-alignment heads
     prop_layers: int = 4  # alternating forward/backward propagation layers
-    attn_depth: int = 4  # SWSA transformer blocks per layer
+    attn_depth: int = 4  # SWSA transformer blocks per layer (0: none, an ablation)
     window: int = 5  # K, frames per gather-scatter window (odd)
     d_state: int = 16  # Mamba state size N
     d_conv: int = 4  # Mamba causal conv width

@@ -227,6 +227,8 @@ class SWSA(nn.Module):
 
     def forward(self, x: Tensor, masks: dict[bool, Tensor | None] | None = None) -> Tensor:
         """x: (B, T, H, W, C) -> same. masks: `attention_masks` of this size, if already built."""
+        if not self.blocks:  # depth 0: no attention at all
+            return x
         t, h, w = x.shape[1:4]
         win, shift = effective_window((t, h, w), self.window)
         tp, hp, wp = padded_size((t, h, w), win)
