@@ -941,11 +941,10 @@ def main() -> int:
         "profile_train": lambda b, d: section_profile(b, d, "train", args.profile_frames),
     }
     code = 0
-    skip = set(args.skip) | ({"tests"} if args.skip_tests else set())
+    skip = {n: f"--skip {n}" for n in args.skip} | ({"tests": "--skip-tests"} if args.skip_tests else {})
     plan = [(n, w) for n, w in PLAN if n not in skip]
-    for name in skip:
-        result["sections"][name] = {"status": "skipped", "reason": "--skip-tests" if name == "tests" and
-                                    args.skip_tests else f"--skip {name}", "budget_s": 0, "elapsed_s": 0}
+    for name, reason in skip.items():
+        result["sections"][name] = {"status": "skipped", "reason": reason, "budget_s": 0, "elapsed_s": 0}
     for i, (name, weight) in enumerate(plan):
         left = deadline - time.monotonic()
         budget = left * weight / sum(w for _, w in plan[i:])

@@ -232,6 +232,7 @@ def test_attn_depth_zero_drops_the_attention_and_nothing_else() -> None:
     assert keys == {k for k in full if ".swsa." not in k} and keys != full
     x = torch.randn(1, 3, 4, 5, 16)
     assert model.stages[0].swsa(x) is x
+    assert model.stages[0].swsa.attention_masks((3, 8, 12), torch.device("cpu")) == {}  # none built per forward
     out = model(clip(3, 8, 12))
     out.abs().mean().backward()
     assert out.shape == (1, 3, 3, 32, 48) and all(p.grad is not None for n, p in model.named_parameters()

@@ -104,9 +104,10 @@ def depthwise_conv3d_k3(x: Tensor, weight: Tensor, bias: Tensor | None, as_2d: b
     """Depthwise 3x3x3 conv, zero padding 1, on channels-last x (B, K, H, W, D) -> same layout.
 
     as_2d computes it as three depthwise 2-D convs, one per temporal tap, summed over shifted
-    frames. cuDNN has no fast depthwise 3-D backward (pytorch/pytorch#37406; on an H200 it took 95%
-    of the paper's training iteration, reports/gpu_runtime.md), so training on CUDA takes the 2-D
-    form; inference keeps the 3-D conv, whose forward is the faster one there, as does the CPU.
+    frames. CUDA takes it for training and inference: cuDNN has no fast depthwise 3-D backward
+    (pytorch/pytorch#37406; on an H200 it took 95% of the paper's training iteration), and even its
+    forward is 3.4x slower at 180x320 (reports/dwconv_gpu.md). The CPU keeps the 3-D conv, which is
+    faster there without grad.
     """
     b, k, h, w, d = x.shape
     if not as_2d:

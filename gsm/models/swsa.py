@@ -242,7 +242,9 @@ class SWSA(nn.Module):
 
     def attention_masks(self, size: Size3, device: torch.device) -> dict[bool, Tensor | None]:
         """Masks of the plain (False) and shifted (True) blocks for a (T, H, W) input. They depend
-        on the size alone, so a network whose layers share it builds them once."""
+        on the size alone, so a network whose layers share it builds them once. Empty without blocks."""
+        if not self.blocks:
+            return {}
         win, shift = effective_window(size, self.window)
         padded = padded_size(size, win)
         valid = None
