@@ -4,9 +4,13 @@
         [--out reports] [--calibrate 60]
 
 Same trainer (gsm.train.trainer), same data, same recipe per stage (batch, clip length, patch, lr
-schedule, EMA), same wall-clock: each stage gets as many iterations as fit in the time the GSM run
-in `--runs` took for that stage (its metrics.jsonl), at the CNN's own step time measured first on
-`--calibrate` iterations. Then the CNN is scored on the same test sets as `gsm evaluate`.
+schedule, EMA), same wall-clock: each stage gets the time the GSM run in `--runs` took for that stage
+(its metrics.jsonl), counted in the GSM run's own steps (stage seconds / its median step, flow cache
+included) and converted at the CNN : GSM step-time ratio measured side by side now: `--calibrate`
+iterations of the CNN, of the GSM, of the CNN again, each through the trainer. The host's speed
+drifts by up to 2x between hours here; a ratio taken in one run does not, while the GSM's seconds
+from an earlier hour against the CNN's step time now gave the CNN 1.5x the GSM's time (2026-11-30).
+Then the CNN is scored on the same test sets as `gsm evaluate`.
 
 Writes <out>/baselines.json (read by `gsm evaluate`, which puts the row into benchmark.md beside
 ours and bicubic; rerun `dvc repro` afterwards) and <out>/baselines.md.
@@ -40,7 +44,7 @@ from gsm.models.plain_cnn import PlainCNN, PlainCNNConfig  # noqa: E402
 from gsm.ops.backend import resolve_device  # noqa: E402
 from gsm.params import Params, load_params  # noqa: E402
 from gsm.train.checkpoint import load_checkpoint, load_weights, weights_of  # noqa: E402
-from gsm.train.config import STAGES  # noqa: E402
+from gsm.train.config import STAGES, StageConfig  # noqa: E402
 from gsm.train.trainer import train_stage  # noqa: E402
 
 NAME = "plain_cnn"
@@ -63,15 +67,40 @@ def stage_seconds(metrics: Path) -> float:
     return _iteration_times(metrics)[-1]
 
 
-def _train(p: Params, stage: str, iters: int, out: Path, init: Path | None) -> Path:
-    """Train the CNN for one stage with that stage's recipe, `iters` iterations, no validation."""
+def run_config(stage_cfg: StageConfig, iters: int, cnn: bool) -> StageConfig:
+    """The stage's recipe for `iters` iterations of one network, no validation. A SpyNet frozen for
+    the whole stage stays so at any length: a GSM probe longer than the stage would otherwise time
+    steps that train SpyNet, which the stage never runs (it made a Vimeo probe step 1.7x the run's)."""
+    frozen = stage_cfg.fix_flow >= stage_cfg.iters
+    return replace(stage_cfg, iters=iters, val_every=iters + 1, ckpt_every=iters, init_from=None,
+                   cache_flows=stage_cfg.cache_flows and not cnn,
+                   fix_flow=max(iters, stage_cfg.fix_flow) if frozen else stage_cfg.fix_flow)  # fmt: skip
+
+
+def _train(p: Params, stage: str, iters: int, out: Path, init: Path | None, cnn: bool = True) -> Path:
+    """Train the CNN (else the GSM, for timing) for one stage with that stage's recipe, `iters`
+    iterations, no validation. The GSM keeps its flow cache; the CNN has no flows to cache."""
     manifest = read_manifest(p.data)
-    cfg = replace(p.train.stage(stage), iters=iters, val_every=iters + 1, ckpt_every=iters, init_from=None,
-                  cache_flows=False)  # no flows to cache: the GSM's stage time includes its cache
+    cfg = run_config(p.train.stage(stage), iters, cnn)
     dataset, _ = stages.train_inputs(replace(p, train=replace(p.train, **{stage: cfg})), manifest, stage)  # type: ignore[arg-type]
+    network = (lambda: PlainCNN(PlainCNNConfig())) if cnn else None
     r = train_stage(stage, cfg, p.model, dataset, out / stage, seed=p.train.seed, init_from=init,
-                    device=p.train.device, network=lambda: PlainCNN(PlainCNNConfig()), progress=True)  # fmt: skip
+                    device=p.train.device, network=network, progress=True)  # fmt: skip
     return r.last
+
+
+def step_ratio(p: Params, stage: str, calibrate: int, work: Path) -> dict[str, Any]:
+    """CNN and GSM step seconds on this stage's recipe, measured side by side (CNN, GSM, CNN), and
+    the CNN's iterations per GSM iteration. The GSM probe starts from random weights: a step costs
+    the same whatever the weights."""
+    def probe(name: str, cnn: bool) -> float:
+        return _seconds_per_iter(_train(p, stage, calibrate, work / name, None, cnn).parent.parent / "metrics.jsonl")
+
+    cnn = [probe("cnn0", True)]
+    gsm = probe("gsm", False)
+    cnn.append(probe("cnn1", True))
+    cnn_step = statistics.mean(cnn)
+    return {"gsm_step": gsm, "cnn_steps": cnn, "cnn_per_gsm_step": gsm / cnn_step}
 
 
 def _seconds_per_iter(log: Path) -> float:
@@ -114,22 +143,26 @@ def _commit() -> str | None:
 def run(params: Path, runs: Path, out: Path, calibrate: int) -> dict[str, Any]:
     p = load_params(params)
     gsm_seconds = {s: stage_seconds(runs / s / "metrics.jsonl") for s in STAGES}
+    # Each stage's budget in the GSM run's own steps: its seconds, flow cache included, over its median step.
+    gsm_steps = {s: gsm_seconds[s] / _seconds_per_iter(runs / s / "metrics.jsonl") for s in STAGES}
     manifest = read_manifest(p.data)
     iters: dict[str, int] = {}
     seconds: dict[str, float] = {}
+    calibration: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gsm-plain-cnn-") as tmp:
         work, init = Path(tmp), None
         for stage in STAGES:
-            probe = _train(p, stage, calibrate, work / "calibrate", init)
-            step = _seconds_per_iter(probe.parent.parent / "metrics.jsonl")
-            iters[stage] = max(calibrate, round(gsm_seconds[stage] / step))
+            calibration[stage] = step_ratio(p, stage, calibrate, work / "calibrate" / stage)
+            calibration[stage]["gsm_budget_steps"] = gsm_steps[stage]
+            iters[stage] = max(calibrate, round(gsm_steps[stage] * calibration[stage]["cnn_per_gsm_step"]))
             init = _train(p, stage, iters[stage], work / "run", init)
             seconds[stage] = stage_seconds(work / "run" / stage / "metrics.jsonl")
         scores = _score(p, init)  # type: ignore[arg-type]
     model = PlainCNN(PlainCNNConfig())
     entry = {
         "title": TITLE, "config": PlainCNNConfig().to_dict(), "params": sum(x.numel() for x in model.parameters()),
-        "iters": iters, "train_seconds": seconds, "gsm_train_seconds": gsm_seconds, "scores": scores,
+        "iters": iters, "train_seconds": seconds, "gsm_train_seconds": gsm_seconds, "calibration": calibration,
+        "scores": scores,
         "data": {s: stages.data_fingerprint(manifest, s) for s in STAGES},  # type: ignore[arg-type]
         "profile": p.data.profile, "commit": _commit(), "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
         "python": platform.python_version(), "torch": torch.__version__, "date": dt.date.today().isoformat(),
@@ -147,10 +180,17 @@ def markdown(e: dict[str, Any], out: Path) -> str:
     lines = [f"# Baseline: {e['title']}", "",
              f"`{e['command']}` on {e['machine']}, commit {e['commit']}, {e['date']}.", "",
              "Trained by gsm's trainer on the quickstart data with each stage's recipe, for the GSM run's "
-             "wall-clock per stage:", "",
-             "| stage | GSM seconds | CNN seconds | CNN iterations |", "|---|---|---|---|"]  # fmt: skip
+             "wall-clock per stage, counted in the GSM run's steps and converted at the step-time ratio "
+             "measured side by side (CNN, GSM, CNN probes in this run), so the host's drift between the two "
+             "runs does not enter:", "",
+             "| stage | GSM seconds | GSM budget (its steps) | GSM step, CNN step (probes, s) | CNN iterations "
+             "| CNN seconds |", "|---|---|---|---|---|---|"]  # fmt: skip
     for s in e["iters"]:
-        lines.append(f"| {s} | {e['gsm_train_seconds'][s]:.0f} | {e['train_seconds'][s]:.0f} | {e['iters'][s]} |")
+        c = e.get("calibration", {}).get(s)
+        probe = (f"{c['gsm_step']:.3f}, {'/'.join(f'{x:.3f}' for x in c['cnn_steps'])}" if c else "-")
+        budget = f"{c['gsm_budget_steps']:.0f}" if c else "-"
+        lines.append(f"| {s} | {e['gsm_train_seconds'][s]:.0f} | {budget} | {probe} | {e['iters'][s]} "
+                     f"| {e['train_seconds'][s]:.0f} |")  # fmt: skip
     lines += ["", "| test set | plain CNN | GSM-VSR (reports/metrics.json) | bicubic |", "|---|---|---|---|"]
     for name, sc in e["scores"].items():
         ours = gsm.get(name, {})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -42,6 +43,8 @@ def trained_quickstart(tiny_params: Path, tmp_path: Path) -> tuple[Path, Path, P
 
     raw = yaml.safe_load(tiny_params.read_text())
     raw["mlflow"]["tracking_uri"] = None  # nothing to track here
+    # The quickstart's flow cache, so SpyNet is frozen for the GSM's stage only: the CNN runs more steps.
+    raw["train"]["reds"].update(cache_flows=True, fix_flow=raw["train"]["reds"]["iters"])
     tiny_params.write_text(yaml.safe_dump(raw, sort_keys=False))
     p = load_params(tiny_params)
     stages.download(p, progress=False)
@@ -63,7 +66,12 @@ def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
     e = plain_cnn.run(params, runs, reports, calibrate=2)
     gsm_s = {s: plain_cnn.stage_seconds(runs / s / "metrics.jsonl") for s in ("reds", "vimeo")}
     assert e["gsm_train_seconds"] == gsm_s
-    assert all(e["iters"][s] >= 2 for s in ("reds", "vimeo"))
+    for s in ("reds", "vimeo"):  # the GSM's budget in its steps, at the CNN : GSM ratio of the probes
+        c = e["calibration"][s]
+        assert c["gsm_step"] > 0 and len(c["cnn_steps"]) == 2 and all(x > 0 for x in c["cnn_steps"])
+        assert c["cnn_per_gsm_step"] == pytest.approx(c["gsm_step"] / (sum(c["cnn_steps"]) / 2))
+        assert c["gsm_budget_steps"] == pytest.approx(gsm_s[s] / plain_cnn._seconds_per_iter(runs / s / "metrics.jsonl"))
+        assert e["iters"][s] == max(2, round(c["gsm_budget_steps"] * c["cnn_per_gsm_step"]))
     assert set(e["scores"]) == {"quickstart-REDS", "quickstart-Vimeo"}
     for sc in e["scores"].values():
         assert 5 < sc["psnr"] < 60 and 5 < sc["bicubic_psnr"] < 60
@@ -94,7 +102,7 @@ def test_trainer_keeps_networks_apart(trained_quickstart: tuple[Path, Path, Path
 
     params, _, _ = trained_quickstart
     p = load_params(params)
-    cfg = p.train.reds
+    cfg = replace(p.train.reds, cache_flows=False)  # the CNN has no SpyNet
     dataset, _ = stages.train_inputs(p, read_manifest(p.data), "reds")
     out = tmp_path / "cnn"
     train_stage("reds", cfg, p.model, dataset, out, network=lambda: PlainCNN(PlainCNNConfig(channels=8, blocks=1)),
@@ -102,6 +110,19 @@ def test_trainer_keeps_networks_apart(trained_quickstart: tuple[Path, Path, Path
     assert load_checkpoint(out / "checkpoints" / "last.pt")["network"] == "PlainCNN"
     with pytest.raises(ValueError, match="holds a PlainCNN run, not GSMamba"):
         train_stage("reds", cfg, p.model, dataset, out, device="cpu", progress=False)
+
+
+def test_probes_keep_the_stage_flow_schedule() -> None:
+    """A probe or CNN run of any length trains SpyNet exactly when the stage would."""
+    from gsm.train.config import StageConfig
+
+    frozen = StageConfig(iters=30, fix_flow=30, cache_flows=True)
+    gsm_probe, cnn_run = plain_cnn.run_config(frozen, 60, cnn=False), plain_cnn.run_config(frozen, 7000, cnn=True)
+    assert (gsm_probe.iters, gsm_probe.fix_flow, gsm_probe.cache_flows) == (60, 60, True)
+    assert (cnn_run.iters, cnn_run.fix_flow, cnn_run.cache_flows) == (7000, 7000, False)
+    assert gsm_probe.val_every > 60 and gsm_probe.ckpt_every == 60
+    released = plain_cnn.run_config(StageConfig(iters=100, fix_flow=20), 60, cnn=False)
+    assert released.fix_flow == 20  # trains SpyNet from step 20 as the stage does
 
 
 def test_missing_gsm_run_is_one_line(tiny_params: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
