@@ -82,6 +82,7 @@ def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
     stages.evaluate(p, None, runs, reports, progress=False)
     md = (reports / "benchmark.md").read_text()
     assert "## Baselines trained here" in md and plain_cnn.TITLE in md and "Stale" not in md
+    assert "at step-time ratios measured side by side" in md
     reds = e["scores"]["quickstart-REDS"]
     assert "| quickstart-REDS | " in md and f"{reds['psnr']:.2f} / {reds['ssim']:.4f}" in md
 

@@ -175,7 +175,8 @@ def baselines_markdown(results: Mapping[str, TestResult], baselines: Mapping[str
     for b in baselines.values():
         lines += [
             f"{b['title']}: `{b['command']}`, trained by the same trainer on the same data and recipe for the "
-            f"GSM run's wall-clock ({sum(b['gsm_train_seconds'].values()):.0f} s), on {b['machine']}, "
+            f"GSM run's wall-clock ({sum(b['gsm_train_seconds'].values()):.0f} s"
+            f"{', at step-time ratios measured side by side' if 'calibration' in b else ''}), on {b['machine']}, "
             f"commit {b['commit']}, {b['date']}; {b['params']:,} parameters.",
             "",
         ]
