@@ -1,7 +1,7 @@
 """The plain 3-frame CNN baseline, trained like the quickstart GSM and scored beside it.
 
     .venv/bin/python benchmarks/plain_cnn.py [--params params.yaml] [--runs runs/quickstart]
-        [--out reports] [--calibrate 60]
+        [--out reports] [--calibrate 60] [--lr STAGE=LR ...]
 
 Same trainer (gsm.train.trainer), same data, same recipe per stage (batch, clip length, patch, lr
 schedule, EMA), same wall-clock: each stage gets the time the GSM run in `--runs` took for that stage
@@ -10,7 +10,9 @@ included) and converted at the CNN : GSM step-time ratio measured side by side n
 iterations of the CNN, of the GSM, of the CNN again, each through the trainer. The host's speed
 drifts by up to 2x between hours here; a ratio taken in one run does not, while the GSM's seconds
 from an earlier hour against the CNN's step time now gave the CNN 1.5x the GSM's time (2026-11-30).
-Then the CNN is scored on the same test sets as `gsm evaluate`.
+Then the CNN is scored on the same test sets as `gsm evaluate`. `--lr reds=1e-3` gives the CNN
+its own peak lr for a stage (the rest of the recipe kept) and saves the run as its own entry, so a
+baseline tuned for itself sits beside the one on the GSM's recipe.
 
 Writes <out>/baselines.json (read by `gsm evaluate`, which puts the row into benchmark.md beside
 ours and bicubic; rerun `dvc repro` afterwards) and <out>/baselines.md.
@@ -140,8 +142,26 @@ def _commit() -> str | None:
         return None
 
 
-def run(params: Path, runs: Path, out: Path, calibrate: int) -> dict[str, Any]:
-    p = load_params(params)
+def with_lrs(p: Params, lrs: dict[str, float]) -> Params:
+    """params with these stages' peak lr replaced: the CNN's own lr, the rest of the recipe kept."""
+    for stage in lrs:
+        if stage not in STAGES:
+            raise ValueError(f"--lr {stage}=...: no such training stage (one of {', '.join(STAGES)})")
+    stages_ = {s: replace(p.train.stage(s), lr=lr) for s, lr in lrs.items()}
+    return replace(p, train=replace(p.train, **stages_))
+
+
+def entry_name(lrs: dict[str, float]) -> tuple[str, str]:
+    """The baselines.json key and title of a run, so runs at other lrs sit beside the recipe's."""
+    if not lrs:
+        return NAME, TITLE
+    return (NAME + "".join(f"_{s}_lr{v:g}" for s, v in sorted(lrs.items())),
+            TITLE + ", " + ", ".join(f"{s} lr {v:g}" for s, v in sorted(lrs.items())))
+
+
+def run(params: Path, runs: Path, out: Path, calibrate: int, lrs: dict[str, float] | None = None) -> dict[str, Any]:
+    lrs = lrs or {}
+    p = with_lrs(load_params(params), lrs)  # a step costs the same at any lr: the GSM probe may share it
     gsm_seconds = {s: stage_seconds(runs / s / "metrics.jsonl") for s in STAGES}
     # Each stage's budget in the GSM run's own steps: its seconds, flow cache included, over its median step.
     gsm_steps = {s: gsm_seconds[s] / _seconds_per_iter(runs / s / "metrics.jsonl") for s in STAGES}
@@ -159,8 +179,9 @@ def run(params: Path, runs: Path, out: Path, calibrate: int) -> dict[str, Any]:
             seconds[stage] = stage_seconds(work / "run" / stage / "metrics.jsonl")
         scores = _score(p, init)  # type: ignore[arg-type]
     model = PlainCNN(PlainCNNConfig())
+    name, title = entry_name(lrs)
     entry = {
-        "title": TITLE, "config": PlainCNNConfig().to_dict(), "params": sum(x.numel() for x in model.parameters()),
+        "title": title, "lr": lrs, "config": PlainCNNConfig().to_dict(), "params": sum(x.numel() for x in model.parameters()),
         "iters": iters, "train_seconds": seconds, "gsm_train_seconds": gsm_seconds, "calibration": calibration,
         "scores": scores,
         "data": {s: stages.data_fingerprint(manifest, s) for s in STAGES},  # type: ignore[arg-type]
@@ -170,8 +191,9 @@ def run(params: Path, runs: Path, out: Path, calibrate: int) -> dict[str, Any]:
     }  # fmt: skip
     path = out / "baselines.json"
     existing = json.loads(path.read_text()) if path.is_file() else {}
-    atomic_write_json(path, {**existing, NAME: entry})
-    atomic_write_text(out / "baselines.md", markdown(entry, out))
+    entries = {**existing, name: entry}
+    atomic_write_json(path, entries)
+    atomic_write_text(out / "baselines.md", "\n".join(markdown(e, out) for e in entries.values()))
     return entry
 
 
@@ -207,10 +229,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("reports"))
     ap.add_argument("--calibrate", type=int, default=60,
                     help="iterations run to time a step (the median step after the first 10)")
+    ap.add_argument("--lr", action="append", default=[], metavar="STAGE=LR",
+                    help="the CNN's peak lr for a stage instead of the recipe's (saved as its own entry)")
     a = ap.parse_args(argv)
     try:
+        lrs: dict[str, float] = {}
+        for item in a.lr:
+            stage, sep, value = item.partition("=")
+            if stage not in STAGES:
+                raise ValueError(f"--lr {item}: no training stage {stage!r} (one of {', '.join(STAGES)})")
+            try:
+                lrs[stage] = float(value) if sep else float("nan")
+            except ValueError:
+                raise ValueError(f"--lr {item}: expected STAGE=LR, e.g. reds=1e-3") from None
+            if not lrs[stage] > 0:
+                raise ValueError(f"--lr {item}: expected STAGE=LR with LR > 0, e.g. reds=1e-3")
         runs = a.runs or Path("runs") / load_params(a.params).data.profile
-        e = run(a.params, runs, a.out, a.calibrate)
+        e = run(a.params, runs, a.out, a.calibrate, lrs)
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

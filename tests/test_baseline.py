@@ -86,6 +86,15 @@ def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
     reds = e["scores"]["quickstart-REDS"]
     assert "| quickstart-REDS | " in md and f"{reds['psnr']:.2f} / {reds['ssim']:.4f}" in md
 
+    # The CNN at its own lr: a second entry beside the recipe's, in baselines.md and benchmark.md.
+    tuned = plain_cnn.run(params, runs, reports, calibrate=2, lrs={"reds": 5e-4})
+    assert tuned["title"].endswith(", reds lr 0.0005") and tuned["lr"] == {"reds": 5e-4}
+    saved = json.loads((reports / "baselines.json").read_text())
+    assert set(saved) == {"plain_cnn", "plain_cnn_reds_lr0.0005"}
+    assert (reports / "baselines.md").read_text().count("# Baseline: ") == 2
+    stages.evaluate(p, None, runs, reports, progress=False)
+    assert tuned["title"] in (reports / "benchmark.md").read_text()
+
     # Other data: the row stays, marked stale.
     saved["plain_cnn"]["data"]["reds"] = "0" * 64
     (reports / "baselines.json").write_text(json.dumps(saved))
@@ -124,6 +133,17 @@ def test_probes_keep_the_stage_flow_schedule() -> None:
     assert gsm_probe.val_every > 60 and gsm_probe.ckpt_every == 60
     released = plain_cnn.run_config(StageConfig(iters=100, fix_flow=20), 60, cnn=False)
     assert released.fix_flow == 20  # trains SpyNet from step 20 as the stage does
+
+
+@pytest.mark.parametrize("arg", ["reds", "reds=fast", "reds=0", "train=1e-3"])
+def test_bad_cnn_lr_is_one_line(tiny_params: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], arg: str) -> None:
+    (tmp_path / "runs").mkdir()
+    rc = plain_cnn.main(["--params", str(tiny_params), "--runs", str(tmp_path / "runs"), "--out", str(tmp_path),
+                         "--lr", arg])  # fmt: skip
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --lr {arg}") and "\n" not in err
+    assert not (tmp_path / "baselines.json").exists()
 
 
 def test_missing_gsm_run_is_one_line(tiny_params: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
