@@ -143,10 +143,8 @@ def _commit() -> str | None:
 
 
 def with_lrs(p: Params, lrs: dict[str, float]) -> Params:
-    """params with these stages' peak lr replaced: the CNN's own lr, the rest of the recipe kept."""
-    for stage in lrs:
-        if stage not in STAGES:
-            raise ValueError(f"--lr {stage}=...: no such training stage (one of {', '.join(STAGES)})")
+    """params with these stages' peak lr replaced: the CNN's own lr, the rest of the recipe kept.
+    An unknown stage name is TrainConfig.stage's error."""
     stages_ = {s: replace(p.train.stage(s), lr=lr) for s, lr in lrs.items()}
     return replace(p, train=replace(p.train, **stages_))
 
@@ -222,6 +220,20 @@ def markdown(e: dict[str, Any], out: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_lr(item: str) -> tuple[str, float]:
+    """One `--lr STAGE=LR` argument; errors name the argument as given."""
+    stage, _, value = item.partition("=")
+    if stage not in STAGES:
+        raise ValueError(f"--lr {item}: no training stage {stage!r} (one of {', '.join(STAGES)})")
+    try:
+        lr = float(value)
+    except ValueError:
+        raise ValueError(f"--lr {item}: expected STAGE=LR, e.g. reds=1e-3") from None
+    if not lr > 0:
+        raise ValueError(f"--lr {item}: expected STAGE=LR with LR > 0, e.g. reds=1e-3")
+    return stage, lr
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
@@ -233,17 +245,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the CNN's peak lr for a stage instead of the recipe's (saved as its own entry)")
     a = ap.parse_args(argv)
     try:
-        lrs: dict[str, float] = {}
-        for item in a.lr:
-            stage, sep, value = item.partition("=")
-            if stage not in STAGES:
-                raise ValueError(f"--lr {item}: no training stage {stage!r} (one of {', '.join(STAGES)})")
-            try:
-                lrs[stage] = float(value) if sep else float("nan")
-            except ValueError:
-                raise ValueError(f"--lr {item}: expected STAGE=LR, e.g. reds=1e-3") from None
-            if not lrs[stage] > 0:
-                raise ValueError(f"--lr {item}: expected STAGE=LR with LR > 0, e.g. reds=1e-3")
+        lrs = dict(parse_lr(item) for item in a.lr)
         runs = a.runs or Path("runs") / load_params(a.params).data.profile
         e = run(a.params, runs, a.out, a.calibrate, lrs)
     except (ValueError, FileNotFoundError) as exc:
