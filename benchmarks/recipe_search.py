@@ -158,7 +158,7 @@ def curve_validator(crops: list[Crop], points: list[dict[str, float]], t0: float
                 gains.setdefault(name + " gain", []).append(_y_psnr(outs, gts) - bicubic)
         point = {k: round(statistics.mean(v), 3) for k, v in gains.items()}
         scoring[0] += time.perf_counter() - start
-        points.append({"t": round(time.perf_counter() - t0 - scoring[0], 1), **point})
+        points.append({"t": round(time.perf_counter() - t0 - scoring[0], 3), **point})
         return {"psnr": next(iter(point.values()))}
 
     return score
@@ -186,7 +186,7 @@ def trial(a: argparse.Namespace) -> dict[str, Any]:
         s_per_it = seconds_per_iter(out / "metrics.jsonl")
     model.eval()
     return {"name": a.name, "net": a.net, "stage": a.stage, "model": model_kw, "train": train_kw,
-            "iters": cfg.iters, "train_s": round(train_s, 1), "s_per_it": round(s_per_it, 3),
+            "iters": cfg.iters, "train_s": round(train_s, 3), "s_per_it": round(s_per_it, 3),
             **validate(model, p), **({"curve": points} if a.curve else {}),
             "machine": f"{cpu_name()}, {torch.get_num_threads()} threads", "date": time.strftime("%Y-%m-%d")}  # fmt: skip
 
