@@ -115,18 +115,24 @@ def _seconds_per_iter(log: Path) -> float:
     return statistics.median(steps[min(WARMUP, len(steps) // 2):])
 
 
-def _score(p: Params, checkpoint: Path) -> dict[str, Any]:
+def _score(p: Params, checkpoints: dict[str, Path]) -> dict[str, Any]:
+    """The CNN's scores on every test set, each set scored by the stage's weights eval.models picks
+    (gsm.stages.SCORED_BY under "per_stage", the last stage's under "final"), as `gsm evaluate` does."""
     manifest = read_manifest(p.data)
-    model = PlainCNN(PlainCNNConfig())
-    load_weights(model, weights_of(load_checkpoint(checkpoint)), checkpoint)
     device = resolve_device(p.eval.device, "eval.device")
-    model.to(device).eval()
+    final = checkpoints[STAGES[-1]]
+    models: dict[Path, PlainCNN] = {}
     scores: dict[str, Any] = {}
-    for kind in ("reds", "vimeo", "vid4"):
+    for kind in stages.TEST_KINDS:
         if not manifest.get(kind):
             continue
+        ckpt = checkpoints[stages.SCORED_BY[kind]] if p.eval.models == "per_stage" else final
+        if ckpt not in models:
+            models[ckpt] = PlainCNN(PlainCNNConfig())
+            load_weights(models[ckpt], weights_of(load_checkpoint(ckpt)), ckpt)
+            models[ckpt].to(device).eval()
         for ts in eval_sets(manifest, kind):  # type: ignore[arg-type]
-            r = evaluate_model(model, ts, tile=p.eval.tile, tile_overlap=p.eval.tile_overlap, chunk=p.eval.chunk,
+            r = evaluate_model(models[ckpt], ts, tile=p.eval.tile, tile_overlap=p.eval.tile_overlap, chunk=p.eval.chunk,
                                chunk_overlap=p.eval.chunk_overlap, device=device, keep=False,
                                max_clips=p.eval.max_clips)  # fmt: skip
             scores[ts.name] = {"psnr": round(r.psnr, 4), "ssim": round(r.ssim, 4),
@@ -169,19 +175,20 @@ def run(params: Path, runs: Path, out: Path, calibrate: int, lrs: dict[str, floa
     calibration: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gsm-plain-cnn-") as tmp:
         work, init = Path(tmp), None
+        last: dict[str, Path] = {}
         for stage in STAGES:
             calibration[stage] = step_ratio(p, stage, calibrate, work / "calibrate" / stage)
             calibration[stage]["gsm_budget_steps"] = gsm_steps[stage]
             iters[stage] = max(calibrate, round(gsm_steps[stage] * calibration[stage]["cnn_per_gsm_step"]))
-            init = _train(p, stage, iters[stage], work / "run", init)
+            init = last[stage] = _train(p, stage, iters[stage], work / "run", init)
             seconds[stage] = stage_seconds(work / "run" / stage / "metrics.jsonl")
-        scores = _score(p, init)  # type: ignore[arg-type]
+        scores = _score(p, last)
     model = PlainCNN(PlainCNNConfig())
     name, title = entry_name(lrs)
     entry = {
         "title": title, "lr": lrs, "config": PlainCNNConfig().to_dict(), "params": sum(x.numel() for x in model.parameters()),
         "iters": iters, "train_seconds": seconds, "gsm_train_seconds": gsm_seconds, "calibration": calibration,
-        "scores": scores,
+        "scores": scores, "eval_models": p.eval.models,
         "data": {s: stages.data_fingerprint(manifest, s) for s in STAGES},  # type: ignore[arg-type]
         "profile": p.data.profile, "commit": _commit(), "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
         "python": platform.python_version(), "torch": torch.__version__, "date": dt.date.today().isoformat(),

@@ -309,7 +309,8 @@ def train(
 def evaluate(
     params: Path = typer.Option(Path("params.yaml"), metavar="FILE", help="params file: `data` and `eval` sections"),
     model: Path | None = typer.Option(None, "--model", metavar="CHECKPOINT",
-                                      help="checkpoint (default: the last trained stage's last.pt)"),
+                                      help="one checkpoint to score every set with (default: as eval.models "
+                                           "says, each set by its stage's last.pt)"),
     runs: Path = typer.Option(Path("runs"), metavar="DIR",
                               help="runs folder (checkpoints and training logs for the plots)"),
     out: Path = typer.Option(Path("reports"), metavar="DIR",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
     from gsm.registry.register import HeldOut, RegisterResult
 
 Stage = Literal["reds", "vimeo"]
+log = logging.getLogger(__name__)
 
 
 def download(p: Params, *, progress: bool = True) -> Path:
@@ -150,29 +152,68 @@ def final_checkpoint(runs: Path) -> Path:
     raise FileNotFoundError(f"{runs}: no trained stage (checkpoints/last.pt); run `gsm train` first")
 
 
+TEST_KINDS = ("reds", "vimeo", "vid4")  # the manifest's test-set families, in report order
+# The stage whose model scores each family under eval.models "per_stage": the paper's tables
+# score REDS4 with the REDS-trained model and Vimeo-90K-T and Vid4 with the Vimeo-trained one.
+SCORED_BY: dict[str, Stage] = {"reds": "reds", "vimeo": "vimeo", "vid4": "vimeo"}
+
+
+def scoring_checkpoints(p: Params, runs: Path, manifest: dict[str, Any], checkpoint: Path | None = None) -> dict[str, Path]:
+    """Test-set family -> the checkpoint that scores it. A given checkpoint scores every family;
+    otherwise eval.models picks each family's own stage ("per_stage") or the final one ("final").
+    A family whose stage has not trained falls back to the final checkpoint, with a warning."""
+    kinds = [k for k in TEST_KINDS if manifest.get(k)]
+    if checkpoint is not None:
+        return {k: Path(checkpoint) for k in kinds}
+    final = final_checkpoint(runs)
+    if p.eval.models == "final":
+        return {k: final for k in kinds}
+    chosen: dict[str, Path] = {}
+    for kind in kinds:
+        own = Path(runs) / SCORED_BY[kind] / "checkpoints" / "last.pt"
+        if not own.is_file():
+            log.warning("eval.models per_stage: no %s-stage checkpoint (%s); %s test sets are scored by %s",
+                        SCORED_BY[kind], own, kind, final)  # fmt: skip
+        chosen[kind] = own if own.is_file() else final
+    return chosen
+
+
 def evaluate(
     p: Params, checkpoint: Path | None, runs: Path, out: Path, *, progress: bool = True,
     tracking_uri: str | None = None, parent_run_id: str | None = None,
 ) -> dict[str, TestResult]:
-    """Score a checkpoint (default: the final stage's) on every benchmark the data has; write reports/.
+    """Score the trained models (or one given checkpoint) on every benchmark the data has; write reports/.
 
-    evaluated_model.json (beside metrics.json, which holds only scores) records the checkpoint's
-    serving digest (gsm.train.checkpoint.serving_digest), so `register` can tell which weights it scores.
-    With tracking on (as for `train`), one MLflow run "evaluate" logs the eval params, each test
-    set's scores and the reports as artifacts (nested as `train`'s).
+    Which checkpoint scores which set: `scoring_checkpoints`. evaluated_model.json (beside
+    metrics.json, which holds only scores) records the final checkpoint's serving digest
+    (gsm.train.checkpoint.serving_digest) and, under `scored_by`, each set's checkpoint and digest,
+    so `register` can tell which weights scored its gate set. With tracking on (as for `train`),
+    one MLflow run "evaluate" logs the eval params, each test set's scores and the reports as
+    artifacts (nested as `train`'s).
     """
-    from gsm.eval.stage import run_evaluation
+    from gsm.eval.stage import run_evaluation, select_sets
     from gsm.train.checkpoint import load_model, serving_digest
 
     manifest = read_manifest(p.data)
-    ckpt = checkpoint or final_checkpoint(runs)
-    model = load_model(ckpt)
-    sets = [s for kind in ("reds", "vimeo", "vid4") if manifest.get(kind) for s in eval_sets(manifest, kind)]
+    by_kind = scoring_checkpoints(p, runs, manifest, checkpoint)
+    sets = {kind: eval_sets(manifest, kind) for kind in by_kind}  # type: ignore[arg-type]
+    chosen = {s.name for s in select_sets([s for ss in sets.values() for s in ss], p.eval.sets)}
+    groups: dict[Path, list[Any]] = {}
+    for kind, ckpt in by_kind.items():
+        groups.setdefault(ckpt, []).extend(s for s in sets[kind] if s.name in chosen)
+    groups = {ckpt: ss for ckpt, ss in groups.items() if ss}
+    digests = {ckpt: serving_digest(ckpt) for ckpt in groups}
+    final = Path(checkpoint) if checkpoint is not None else final_checkpoint(runs)
+    info = {"checkpoint": str(final), "checkpoint_sha256": digests.get(final) or serving_digest(final),
+            "profile": p.data.profile,
+            "scored_by": {s.name: {"checkpoint": str(ckpt), "checkpoint_sha256": digests[ckpt]}
+                          for ckpt, ss in groups.items() for s in ss}}  # fmt: skip
     logs = [Path(runs) / s / "metrics.jsonl" for s in STAGES if (Path(runs) / s / "metrics.jsonl").is_file()]
-    info = {"checkpoint": str(ckpt), "checkpoint_sha256": serving_digest(ckpt), "profile": p.data.profile}
     val_sets = {s: split_name(manifest, s, "val") for s in STAGES if manifest.get(s)}  # type: ignore[arg-type]
-    results = run_evaluation(model, sets, p.eval, out, train_logs=logs, info=info, progress=progress,
-                             baselines=read_baselines(Path(out) / "baselines.json", manifest), val_sets=val_sets)
+    scorers = [(load_model(ckpt), ss) for ckpt, ss in groups.items()]
+    results = run_evaluation(scorers, p.eval, out, train_logs=logs, info=info, progress=progress,
+                             baselines=read_baselines(Path(out) / "baselines.json", manifest, p.eval.models),
+                             val_sets=val_sets)  # fmt: skip
     target = tracking_target(p.mlflow, tracking_uri, parent_run_id)
     if target is not None:
         with mlflow_errors(target.uri):
@@ -180,9 +221,11 @@ def evaluate(
     return results
 
 
-def read_baselines(path: Path, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def read_baselines(path: Path, manifest: dict[str, Any], models: str = "per_stage") -> dict[str, dict[str, Any]]:
     """The baselines measured on this profile (benchmarks/plain_cnn.py), each marked `same_data`
-    when it was trained on exactly the data in `manifest`. A missing file: none."""
+    when it was trained on exactly the data in `manifest`, and `same_models` when its sets were
+    scored as eval.models `models` says (an entry without `eval_models` predates per-stage scoring:
+    "final"). A missing file: none."""
     if not path.is_file():
         return {}
     try:
@@ -190,12 +233,14 @@ def read_baselines(path: Path, manifest: dict[str, Any]) -> dict[str, dict[str, 
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     current = {s: data_fingerprint(manifest, s) for s in STAGES if manifest.get(s)}
-    return {name: {**e, "same_data": e.get("data") == current} for name, e in entries.items()
+    return {name: {**e, "same_data": e.get("data") == current, "same_models": e.get("eval_models", "final") == models}
+            for name, e in entries.items()
             if isinstance(e, dict) and e.get("profile") == manifest.get("profile")}  # fmt: skip
 
 
-def _log_evaluation(target: TrackingTarget, p: Params, info: dict[str, str], out: Path) -> str:
-    """The evaluate run: eval params, `<set>.<score>` metrics from metrics.json, the reports."""
+def _log_evaluation(target: TrackingTarget, p: Params, info: dict[str, Any], out: Path) -> str:
+    """The evaluate run: eval params, `<set>.<score>` metrics from metrics.json, the reports; which
+    checkpoint scored each set as params `scored_by.<set>`."""
     from gsm.configs import to_mapping
     from gsm.tracking import log_finished_run
     from gsm.train.config import flat_params
@@ -203,7 +248,8 @@ def _log_evaluation(target: TrackingTarget, p: Params, info: dict[str, str], out
     scores = json.loads((out / "metrics.json").read_text())["test_sets"]
     metrics = {f"{name}.{key}": float(v) for name, row in scores.items() for key, v in row.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}  # fmt: skip
-    params = {**flat_params("eval", to_mapping(p.eval)), **info}
+    scored_by = {f"scored_by.{name}": v["checkpoint"] for name, v in info.get("scored_by", {}).items()}
+    params = {**flat_params("eval", to_mapping(p.eval)), **{k: v for k, v in info.items() if k != "scored_by"}, **scored_by}
     names = ("metrics.json", "evaluated_model.json", "benchmark.md", "per_clip.csv", "per_frame.csv", "runtime.json", "plots", "curves",
              "videos")  # those written
     artifacts = tuple(out / n for n in names)
@@ -227,7 +273,8 @@ def register(
     """
     import json
 
-    from gsm.registry.register import register_checkpoint
+    from gsm.registry.register import own_scores, register_checkpoint
+    from gsm.train.checkpoint import serving_digest
 
     target = _store(p, tracking_uri, parent_run_id)
     metrics_path = Path(reports) / "metrics.json"
@@ -236,7 +283,7 @@ def register(
     if scored_profile not in (None, p.data.profile):
         raise ValueError(f"{metrics_path} scores profile {scored_profile!r}, params say {p.data.profile!r}")
     ckpt = checkpoint or final_checkpoint(runs)
-    card = model_card_of(p, Path(ckpt), metrics, Path(reports))
+    card = model_card_of(p, Path(ckpt), own_scores(metrics, serving_digest(Path(ckpt))), Path(reports))
     with mlflow_errors(target.uri):
         return register_checkpoint(p.mlflow, target, Path(ckpt), metrics, profile=p.data.profile,
                                    report=Path(reports) / "registry.json", progress=progress,
@@ -278,7 +325,7 @@ def scoring_protocols(p: Params) -> dict[str, str]:
     """Each test set's scoring protocol, from the data manifest ({} when the data is not here)."""
     try:
         manifest = read_manifest(p.data)
-        return {s.name: s.protocol for kind in ("reds", "vimeo", "vid4") if manifest.get(kind)
+        return {s.name: s.protocol for kind in TEST_KINDS if manifest.get(kind)
                 for s in eval_sets(manifest, kind)}  # fmt: skip
     except (FileNotFoundError, ValueError, KeyError):
         return {}

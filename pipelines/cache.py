@@ -26,9 +26,9 @@ from prefect.cache_policies import CachePolicy
 from prefect.context import TaskRunContext
 
 import gsm
-from gsm.data.prepare import INDEX
+from gsm.data.prepare import INDEX, read_manifest
 from gsm.io import sha256_file
-from gsm.stages import final_checkpoint
+from gsm.stages import final_checkpoint, scoring_checkpoints
 from gsm.train.config import resolve_init
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,12 @@ def _spynet(a: Args) -> list[Path]:
 
 def _checkpoint(a: Args) -> Path:
     return Path(a["checkpoint"]) if a.get("checkpoint") else final_checkpoint(a["runs"])
+
+
+def _scorers(a: Args) -> list[Path]:
+    """Every checkpoint that evaluate scores with (eval.models per_stage: one per training stage)."""
+    ckpt = Path(a["checkpoint"]) if a.get("checkpoint") else None
+    return sorted(set(scoring_checkpoints(a["p"], a["runs"], read_manifest(a["p"].data), ckpt).values()))
 
 
 DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
@@ -99,7 +105,7 @@ SPECS: dict[str, StageSpec] = {
     "flow_init": StageSpec(lambda a: [_manifest(a)], lambda a: [Path(a["runs"]) / "flow" / "spynet.pth"]),
     "train_reds": _train("reds"),
     "finetune_vimeo": _train("vimeo"),
-    "evaluate": StageSpec(lambda a: [_manifest(a), _checkpoint(a)],
+    "evaluate": StageSpec(lambda a: [_manifest(a), _checkpoint(a), *_scorers(a)],
                           lambda a: [Path(a["out"]) / "metrics.json", Path(a["out"]) / "evaluated_model.json"]),
     "register": StageSpec(lambda a: [Path(a["reports"]) / "metrics.json", _checkpoint(a)],
                           lambda a: [Path(a["reports"]) / "registry.json"], env=("MLFLOW_TRACKING_URI",)),

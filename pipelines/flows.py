@@ -151,7 +151,8 @@ def pipeline(params: str = "params.yaml", runs: str | None = None, reports: str 
         tracked = dict(progress=progress, parent_run_id=parent)
         reds = run_stage(train, p, stage="reds", runs=runs_dir, restart_on_change=True, **tracked)
         vimeo = run_stage(train, p, stage="vimeo", runs=runs_dir, restart_on_change=True, **tracked)
-        scores = run_stage(evaluate, p, checkpoint=vimeo.last, runs=runs_dir, out=reports_dir, **tracked)
+        # No checkpoint: each set by the model eval.models picks from runs_dir, as `dvc repro` scores them.
+        scores = run_stage(evaluate, p, checkpoint=None, runs=runs_dir, out=reports_dir, **tracked)
         registered = run_stage(register, p, runs=runs_dir, reports=reports_dir, checkpoint=vimeo.last, **tracked)
     return {"manifest": manifest, "reds": reds, "vimeo": vimeo, "scores": scores, "registered": registered}
 

@@ -76,7 +76,7 @@ def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
     for sc in e["scores"].values():
         assert 5 < sc["psnr"] < 60 and 5 < sc["bicubic_psnr"] < 60
     saved = json.loads((reports / "baselines.json").read_text())
-    assert saved["plain_cnn"]["scores"] == e["scores"]
+    assert saved["plain_cnn"]["scores"] == e["scores"] and saved["plain_cnn"]["eval_models"] == "per_stage"
 
     p = load_params(params)
     stages.evaluate(p, None, runs, reports, progress=False)
@@ -100,6 +100,49 @@ def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
     (reports / "baselines.json").write_text(json.dumps(saved))
     stages.evaluate(p, None, runs, reports, progress=False)
     assert "Stale: measured on other data" in (reports / "benchmark.md").read_text()
+
+    # Same data, sets scored by other stages' models (an entry from before per-stage scoring): stale too.
+    saved["plain_cnn"]["data"] = tuned["data"]
+    del saved["plain_cnn"]["eval_models"]
+    (reports / "baselines.json").write_text(json.dumps(saved))
+    stages.evaluate(p, None, runs, reports, progress=False)
+    md = (reports / "benchmark.md").read_text()
+    assert md.count("**Stale") == 1 and "Stale: its sets were scored as eval.models 'final' says" in md
+
+
+def test_each_set_is_scored_by_the_stage_trained_for_it(trained_quickstart: tuple[Path, Path, Path]) -> None:
+    """eval.models per_stage, as the paper's tables: the REDS-like set by the REDS stage's model, the
+    Vimeo-like set by the Vimeo stage's; `final`: the Vimeo stage's model scores both; a given
+    checkpoint scores both. The CNN baseline is scored the same way."""
+    from gsm import stages
+    from gsm.params import load_params
+
+    params, runs, reports = trained_quickstart
+    p = load_params(params)
+    reds, vimeo = (runs / s / "checkpoints" / "last.pt" for s in ("reds", "vimeo"))
+    per = stages.evaluate(p, None, runs, reports / "per", progress=False)
+    by_reds = stages.evaluate(p, reds, runs, reports / "reds", progress=False)
+    by_vimeo = stages.evaluate(p, vimeo, runs, reports / "vimeo", progress=False)
+    final = stages.evaluate(replace(p, eval=replace(p.eval, models="final")), None, runs, reports / "final",
+                            progress=False)  # fmt: skip
+    assert by_reds["quickstart-REDS"].psnr != by_vimeo["quickstart-REDS"].psnr  # the two models differ here
+    assert per["quickstart-REDS"].psnr == by_reds["quickstart-REDS"].psnr
+    assert per["quickstart-Vimeo"].psnr == by_vimeo["quickstart-Vimeo"].psnr
+    assert {n: r.psnr for n, r in final.items()} == {n: r.psnr for n, r in by_vimeo.items()}
+    evaluated = json.loads((reports / "per" / "evaluated_model.json").read_text())
+    assert evaluated["checkpoint"] == str(vimeo)  # the final model: what `register` registers
+    assert {n: v["checkpoint"] for n, v in evaluated["scored_by"].items()} == {
+        "quickstart-REDS": str(reds), "quickstart-Vimeo": str(vimeo)}  # fmt: skip
+    assert f"- scored by: quickstart-REDS: {reds}; quickstart-Vimeo: {vimeo}" in (reports / "per" / "benchmark.md").read_text()
+
+    cnn_reds = plain_cnn._train(p, "reds", 2, reports / "cnn", None)
+    cnn_vimeo = plain_cnn._train(p, "vimeo", 2, reports / "cnn", cnn_reds)
+    both = {"reds": cnn_reds, "vimeo": cnn_vimeo}
+    cnn_per = plain_cnn._score(p, both)
+    cnn_final = plain_cnn._score(replace(p, eval=replace(p.eval, models="final")), both)
+    assert cnn_per["quickstart-REDS"] != cnn_final["quickstart-REDS"]
+    assert cnn_per["quickstart-REDS"] == plain_cnn._score(p, {"reds": cnn_reds, "vimeo": cnn_reds})["quickstart-REDS"]
+    assert cnn_per["quickstart-Vimeo"] == cnn_final["quickstart-Vimeo"]
 
 
 def test_trainer_keeps_networks_apart(trained_quickstart: tuple[Path, Path, Path], tmp_path: Path) -> None:

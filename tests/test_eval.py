@@ -297,13 +297,15 @@ def test_eval_config() -> None:
         eval_config({"chunk": 1})
     with pytest.raises(ValueError, match="device"):
         eval_config({"device": "tpu"})
+    with pytest.raises(ValueError, match=r"^eval.models: must be one of per_stage, final, got 'best'$"):
+        eval_config({"models": "best"})
     assert resolve_device("cpu") == torch.device("cpu")
 
 
 def test_run_evaluation_writes_reports(tree: dict, tmp_path: Path) -> None:
     cfg = EvalConfig(sets=("tiny-vid4", "vimeo-tiny"), crop_size=16, device="cpu")
     sets = [_clip_set(tree, "reds4", "tiny-reds"), _clip_set(tree, "vid4", "tiny-vid4"), _vimeo_set(tree)]
-    results = run_evaluation(OffsetUpscaler(), sets, cfg, tmp_path / "reports", progress=False, info={"ckpt": "x.pt"})
+    results = run_evaluation([(OffsetUpscaler(), sets)], cfg, tmp_path / "reports", progress=False, info={"ckpt": "x.pt"})
     assert list(results) == ["tiny-vid4", "vimeo-tiny"]
     names = sorted(p.name for p in (tmp_path / "reports").rglob("*") if p.is_file())
     assert names == ["benchmark.md", "crops_tiny-vid4.png", "crops_vimeo-tiny.png", "evaluated_model.json",
@@ -315,3 +317,20 @@ def test_run_evaluation_writes_reports(tree: dict, tmp_path: Path) -> None:
         assert all(side % 2 == 0 for side in r.video[0][0].shape[:2])  # H.264 yuv420p needs even sides
     rows = (tmp_path / "reports" / "per_frame.csv").read_text().splitlines()
     assert len(rows) == 1 + sum(r.frames for r in results.values())
+
+
+def test_run_evaluation_scores_each_set_with_its_own_model(tree: dict, tmp_path: Path) -> None:
+    """eval.models per_stage hands one model per stage with the sets it scores; a set left out by
+    eval.sets is never run, and the results keep the sets' order."""
+    reds_model, vimeo_model = OffsetUpscaler(), OffsetUpscaler(step=0.3)
+    reds, vid4, vimeo = _clip_set(tree, "reds4", "tiny-reds"), _clip_set(tree, "vid4", "tiny-vid4"), _vimeo_set(tree)
+    cfg = EvalConfig(sets=("vimeo-tiny", "tiny-reds"), crop_size=16, device="cpu")
+    results = run_evaluation([(reds_model, [reds]), (vimeo_model, [vid4, vimeo])], cfg, tmp_path / "r", progress=False)
+    assert list(results) == ["vimeo-tiny", "tiny-reds"]
+    alone = run_evaluation([(OffsetUpscaler(step=0.3), [vimeo])], EvalConfig(crop_size=16, device="cpu"),
+                           tmp_path / "alone", progress=False)  # fmt: skip
+    assert results["vimeo-tiny"].psnr == alone["vimeo-tiny"].psnr
+    assert {x.shape[1] for x in vimeo_model.inputs} == {14}  # the mirrored septuplet only: vid4 was not selected
+    assert {x.shape[1] for x in reds_model.inputs} == set(CLIPS.values())
+    with pytest.raises(ValueError, match="no model to score"):
+        run_evaluation([], cfg, tmp_path / "none", progress=False)

@@ -121,6 +121,9 @@ def test_training_and_evaluation_runs_are_tracked(project: Project) -> None:
     assert "quickstart-Vimeo.psnr_gain" in ev.data.metrics and ev.data.tags["git_commit"] == head
     assert ev.data.params["checkpoint_sha256"] == serving_digest(project.runs / "reds" / "checkpoints" / "last.pt")
     assert ev.data.params["eval.max_clips"] == "1"
+    # Only the REDS stage trained: per_stage scores every set with its checkpoint, and says so.
+    reds_last = str(project.runs / "reds" / "checkpoints" / "last.pt")
+    assert ev.data.params["scored_by.quickstart-REDS"] == ev.data.params["scored_by.quickstart-Vimeo"] == reds_last
     logged = {a.path for a in client.list_artifacts(ev.info.run_id)}
     assert {"metrics.json", "evaluated_model.json", "benchmark.md", "per_clip.csv", "plots"} <= logged
     assert "model" not in scores  # scores only; what they score is the plain file beside them
@@ -154,6 +157,30 @@ def test_gate_is_pure() -> None:
     assert alias(30.1, Champion("1", "quickstart", 30.0)) == "challenger"  # not above the tolerance
     assert alias(40.0, Champion("1", "paper", 30.0)) == "challenger"  # other data: not comparable
     assert alias(40.0, Champion("1", "quickstart", None)) == "challenger"  # no score to compare
+
+
+def test_a_version_keeps_only_the_scores_its_own_weights_made() -> None:
+    """eval.models per_stage: the REDS stage's model scores the REDS-like set, the final one the rest.
+    Registering the final model tags, cards and gates it on its own sets only; a gate set another
+    model scored is a one-line error naming the param."""
+    from gsm.registry.register import gate_score, own_scores, version_tags
+
+    row = {"psnr": 30.0, "ssim": 0.8}
+    metrics = {"test_sets": {"quickstart-REDS": {**row, "psnr": 34.0}, "quickstart-Vimeo": row},
+               "model": {"checkpoint": "v.pt", "checkpoint_sha256": "bbb", "scored_by": {
+                   "quickstart-REDS": {"checkpoint": "r.pt", "checkpoint_sha256": "aaa"},
+                   "quickstart-Vimeo": {"checkpoint": "v.pt", "checkpoint_sha256": "bbb"}}}}  # fmt: skip
+    mine = own_scores(metrics, "bbb")
+    assert list(mine["test_sets"]) == ["quickstart-Vimeo"] and mine["other_sets"] == {"quickstart-REDS": "r.pt"}
+    assert gate_score(mine, MlflowConfig(gate_set="quickstart-Vimeo")) == ("quickstart-Vimeo", 30.0)
+    with pytest.raises(ValueError, match=r"^mlflow.gate_set: 'quickstart-REDS' was scored by r.pt \(eval.models "
+                                         r"per_stage\).*\(quickstart-Vimeo\) or set eval.models: final$"):
+        gate_score(mine, MlflowConfig(gate_set="quickstart-REDS"))
+    tags = version_tags(mine, profile="quickstart", checkpoint=Path("v.pt"), sha256="bbb")
+    assert "metric.quickstart-Vimeo.psnr" in tags and not any("quickstart-REDS" in k for k in tags)
+    assert own_scores(metrics, "aaa")["other_sets"] == {"quickstart-Vimeo": "v.pt"}
+    old = {"test_sets": metrics["test_sets"], "model": {"checkpoint_sha256": "bbb"}}  # before scored_by
+    assert own_scores(old, "bbb") == old
 
 
 def _variant(project: Project, name: str, seed: int) -> tuple[Path, Path]:

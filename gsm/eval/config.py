@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from gsm.configs import from_mapping
 from gsm.ops.backend import resolve_device
@@ -22,6 +22,10 @@ class EvalConfig:
     max_clips: int | None = None  # score only the first clips of each set (smoke runs); None = all
     crop_size: int = 128  # side, in GT pixels, of the bicubic / ours / GT crops in the report
     device: str = "auto"  # "auto" (CUDA when available), "cpu", "cuda", "cuda:1", ...
+    # Which weights score a set. "per_stage": the stage trained for it, as the paper's tables (and
+    # BasicVSR++'s, RVRT's, IART's) are made: REDS4 by the REDS model, Vimeo-90K-T and Vid4 by the
+    # Vimeo one. "final": the last trained stage's model scores every set.
+    models: Literal["per_stage", "final"] = "per_stage"
 
     def __post_init__(self) -> None:
         if len(set(self.sets)) != len(self.sets):

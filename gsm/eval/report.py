@@ -167,7 +167,8 @@ def _params_text(model_info: Mapping[str, Any]) -> str:
 def baselines_markdown(results: Mapping[str, TestResult], baselines: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """Rows of the baselines trained on this data (benchmarks/, reports/baselines.json) beside ours.
 
-    An entry whose `same_data` is false was measured on other data: shown, and marked stale.
+    An entry whose `same_data` is false was measured on other data, one whose `same_models` is false
+    scored its sets with other stages' models (eval.models): shown, and marked stale.
     """
     if not baselines:
         return []
@@ -182,6 +183,9 @@ def baselines_markdown(results: Mapping[str, TestResult], baselines: Mapping[str
         ]
         if not b.get("same_data", True):
             lines += ["**Stale: measured on other data than this run's; rerun the command above.**", ""]
+        elif not b.get("same_models", True):
+            lines += [f"**Stale: its sets were scored as eval.models {b.get('eval_models', 'final')!r} says, not as "
+                      f"this run's; rerun the command above.**", ""]  # fmt: skip
         lines += ["| test set | ours (this run) | baseline | bicubic |", "|---|---|---|---|"]
         for name, sc in b["scores"].items():
             ours = _fmt(results[name].psnr, results[name].ssim) if name in results else "not run"
@@ -236,6 +240,14 @@ def papers_markdown(results: Mapping[str, TestResult], model_info: Mapping[str, 
     return lines
 
 
+def _fact(key: str, value: Any) -> str:
+    """A model fact as a list item; `scored_by` (set -> checkpoint facts) as one line, set by set."""
+    if key == "scored_by" and isinstance(value, Mapping):
+        who = "; ".join(f"{name}: {v.get('checkpoint') if isinstance(v, Mapping) else v}" for name, v in value.items())
+        return f"- scored by: {who}"
+    return f"- {key}: {value}"
+
+
 def benchmark_markdown(
     results: Mapping[str, TestResult], model_info: Mapping[str, Any], plots: Sequence[Path], out_dir: Path,
     baselines: Mapping[str, Mapping[str, Any]] | None = None,
@@ -244,7 +256,7 @@ def benchmark_markdown(
     lines = ["# Benchmark (x4 video super-resolution)", ""]
     if model_info:
         lines += ["## Model", ""]
-        lines += [f"- {k}: {v}" for k, v in model_info.items()]
+        lines += [_fact(k, v) for k, v in model_info.items()]
         lines.append("")
     lines += [
         "## This run",

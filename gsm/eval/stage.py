@@ -68,8 +68,7 @@ def evaluate_sets(
 
 
 def run_evaluation(
-    model: nn.Module,
-    available: Sequence[Any],
+    scorers: Sequence[tuple[nn.Module, Sequence[TestSet]]],
     cfg: EvalConfig,
     out_dir: Path,
     *,
@@ -79,12 +78,21 @@ def run_evaluation(
     baselines: Mapping[str, Mapping[str, Any]] | None = None,
     val_sets: Mapping[str, str] | None = None,
 ) -> dict[str, TestResult]:
-    """select_sets + evaluate_sets + write_reports; `info` adds to the model facts in the reports,
-    `baselines` (reports/baselines.json) go beside our scores in benchmark.md, `val_sets` (stage ->
-    validation set name) title the validation curves."""
-    sets = select_sets(available, cfg.sets)
-    results = evaluate_sets(model, sets, cfg, progress=progress)
-    facts = {**model_info(model), **dict(info or {})}
+    """select_sets + evaluate_sets + write_reports. `scorers` pairs each model with the sets it scores
+    (eval.models "per_stage": one model per training stage); `info` adds to the model facts in the
+    reports, `baselines` (reports/baselines.json) go beside our scores in benchmark.md, `val_sets`
+    (stage -> validation set name) title the validation curves."""
+    if not scorers:
+        raise ValueError("no model to score")
+    chosen = select_sets([s for _, sets in scorers for s in sets], cfg.sets)
+    names = {s.name for s in chosen}
+    scored: dict[str, TestResult] = {}
+    for model, sets in scorers:
+        mine = [s for s in sets if s.name in names]
+        if mine:
+            scored.update(evaluate_sets(model, mine, cfg, progress=progress))
+    results = {s.name: scored[s.name] for s in chosen}
+    facts = {**model_info(scorers[0][0]), **dict(info or {})}
     write_reports(results, out_dir, model_info=facts, train_logs=train_logs, crop_size=cfg.crop_size,
                   baselines=baselines, val_sets=val_sets)
     return results

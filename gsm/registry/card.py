@@ -98,8 +98,17 @@ def _scores(f: CardFacts) -> str:
         "Bicubic: MATLAB `imresize(lr, 4, 'bicubic')` of the same frames.",
         f"Evaluation: tile {e.tile or 'none'}, chunk {e.chunk or 'none'}, "
         f"clips per set {e.max_clips or 'all'} (params `eval`).",
-        "", *rows,
+        "", *rows, *_other_sets(f),
     ])  # fmt: skip
+
+
+def _other_sets(f: CardFacts) -> list[str]:
+    """The sets another stage's model scored (eval.models per_stage): named, not this version's scores."""
+    other = f.metrics.get("other_sets") or {}
+    if not other:
+        return []
+    return ["", "Scored by another stage's model, so not listed as this version's: "
+            + "; ".join(f"{name} ({path})" for name, path in sorted(other.items())) + "."]
 
 
 def _num(scores: Mapping[str, Any], key: str, digits: int, sign: bool = False) -> str:

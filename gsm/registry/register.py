@@ -162,9 +162,27 @@ def seen_data_versions(client: Any, name: str) -> set[tuple[str, str]]:
             if k.startswith(prefix)}  # fmt: skip
 
 
+def own_scores(metrics: Mapping[str, Any], sha256: str) -> dict[str, Any]:
+    """`metrics` with only the test sets these weights scored. Under eval.models "per_stage" another
+    stage's model scores some sets (evaluated_model.json's `scored_by`); those are not this version's
+    scores, so they make no tag, no card row and no gate. They are kept as `other_sets` (name -> path)."""
+    by = metrics.get("model", {}).get("scored_by") if isinstance(metrics.get("model"), Mapping) else None
+    sets = metrics.get("test_sets")
+    if not isinstance(by, Mapping) or not isinstance(sets, Mapping):
+        return dict(metrics)
+    theirs = {n: v for n, v in by.items() if isinstance(v, Mapping) and v.get("checkpoint_sha256") != sha256}
+    return {**metrics, "test_sets": {n: v for n, v in sets.items() if n not in theirs},
+            "other_sets": {n: str(v.get("checkpoint")) for n, v in theirs.items() if n in sets}}
+
+
 def gate_score(metrics: Mapping[str, Any], cfg: MlflowConfig) -> tuple[str, float]:
     """(gate set, its gate metric) from a metrics.json mapping; the first set when gate_set is null."""
     sets = metrics.get("test_sets")
+    other = metrics.get("other_sets") or {}
+    if cfg.gate_set in other:
+        raise ValueError(f"mlflow.gate_set: {cfg.gate_set!r} was scored by {other[cfg.gate_set]} (eval.models "
+                         f"per_stage), not by the checkpoint registered; gate on a set it scored "
+                         f"({', '.join(sorted(sets or {})) or 'none'}) or set eval.models: final")  # fmt: skip
     if not isinstance(sets, Mapping) or not sets:
         raise ValueError("metrics.json has no test_sets: run `gsm evaluate` first")
     name = cfg.gate_set or sorted(sets)[0]
@@ -276,6 +294,7 @@ def register_checkpoint(
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")
     sha = serving_digest(checkpoint)  # deterministic: the same weights give the same digest
     check_scored(metrics, checkpoint, sha)
+    metrics = own_scores(metrics, sha)
     gate_set, value = gate_score(metrics, cfg)
     gate_key = metric_tag(gate_set, cfg.gate_metric)
     tags = version_tags(metrics, profile=profile, checkpoint=checkpoint, sha256=sha)
@@ -404,6 +423,7 @@ __all__ = [
     "HeldOut",
     "RegisterResult",
     "check_scored",
+    "own_scores",
     "current_champion",
     "download_champion",
     "gate",
