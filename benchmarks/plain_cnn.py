@@ -1,12 +1,12 @@
 """The plain 3-frame CNN baseline, trained like the quickstart GSM and scored beside it.
 
     .venv/bin/python benchmarks/plain_cnn.py [--params params.yaml] [--runs runs/quickstart]
-        [--out reports] [--calibrate 60] [--lr STAGE=LR ...]
+        [--out reports] [--calibrate 240] [--lr STAGE=LR ...]
 
 Same trainer (gsm.train.trainer), same data, same recipe per stage (batch, clip length, patch, lr
 schedule, EMA), same wall-clock: each stage gets the time the GSM run in `--runs` took for that stage
-(its metrics.jsonl), counted in the GSM run's own steps (stage seconds / its median step, flow cache
-included) and converted at the CNN : GSM step-time ratio measured side by side now: `--calibrate`
+(its metrics.jsonl), counted in the GSM run's own steps (stage seconds / its steady step time, flow
+cache included) and converted at the CNN : GSM step-time ratio measured side by side now: `--calibrate`
 iterations of the CNN, of the GSM, of the CNN again, each through the trainer. The host's speed
 drifts by up to 2x between hours here; a ratio taken in one run does not, while the GSM's seconds
 from an earlier hour against the CNN's step time now gave the CNN 1.5x the GSM's time (2026-11-30).
@@ -106,13 +106,18 @@ def step_ratio(p: Params, stage: str, calibrate: int, work: Path) -> dict[str, A
 
 
 def _seconds_per_iter(log: Path) -> float:
-    """Median step time, skipping the first steps: allocator and oneDNN warm-up made a mean over 10
-    steps 2.5x the steady rate (2026-11-30), which gave the CNN 40% of the GSM's wall-clock."""
+    """Steady step time: the mean of the middle 80% of the step times after the first quarter (at
+    least WARMUP steps). Allocator and oneDNN warm-up made a mean over 10 steps 2.5x the steady rate
+    (2026-11-30); a median of the trainer's millisecond-rounded times is itself rounded, 0.020 against
+    0.021 s being 5% of a CNN step, and the CNN so got 6% and 15% more seconds than the GSM
+    (2026-12-01); the trimmed mean of many rounded steps is not rounded."""
     times = _iteration_times(log)
     steps = [b - a for a, b in zip(times, times[1:])]
     if not steps:
         raise ValueError(f"{log}: too few iterations to time; raise --calibrate")
-    return statistics.median(steps[min(WARMUP, len(steps) // 2):])
+    steady = sorted(steps[min(max(WARMUP, len(steps) // 4), len(steps) // 2):])
+    cut = len(steady) // 10
+    return statistics.fmean(steady[cut:len(steady) - cut])
 
 
 def _score(p: Params, checkpoints: dict[str, Path]) -> dict[str, Any]:
@@ -167,7 +172,7 @@ def run(params: Path, runs: Path, out: Path, calibrate: int, lrs: dict[str, floa
     lrs = lrs or {}
     p = with_lrs(load_params(params), lrs)  # a step costs the same at any lr: the GSM probe may share it
     gsm_seconds = {s: stage_seconds(runs / s / "metrics.jsonl") for s in STAGES}
-    # Each stage's budget in the GSM run's own steps: its seconds, flow cache included, over its median step.
+    # Each stage's budget in the GSM run's own steps: its seconds, flow cache included, over its steady step.
     gsm_steps = {s: gsm_seconds[s] / _seconds_per_iter(runs / s / "metrics.jsonl") for s in STAGES}
     manifest = read_manifest(p.data)
     iters: dict[str, int] = {}
@@ -246,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
     ap.add_argument("--runs", type=Path, default=None, help="the GSM run to match (default runs/<profile>)")
     ap.add_argument("--out", type=Path, default=Path("reports"))
-    ap.add_argument("--calibrate", type=int, default=60,
-                    help="iterations run to time a step (the median step after the first 10)")
+    ap.add_argument("--calibrate", type=int, default=240,
+                    help="iterations run to time a step (see _seconds_per_iter)")
     ap.add_argument("--lr", action="append", default=[], metavar="STAGE=LR",
                     help="the CNN's peak lr for a stage instead of the recipe's (saved as its own entry)")
     a = ap.parse_args(argv)

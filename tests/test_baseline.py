@@ -83,6 +83,7 @@ def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
     md = (reports / "benchmark.md").read_text()
     assert "## Baselines trained here" in md and plain_cnn.TITLE in md and "Stale" not in md
     assert "at step-time ratios measured side by side" in md
+    assert f"; it ran {sum(e['train_seconds'].values()):.0f} s)" in md
     reds = e["scores"]["quickstart-REDS"]
     assert "| quickstart-REDS | " in md and f"{reds['psnr']:.2f} / {reds['ssim']:.4f}" in md
 
@@ -108,6 +109,22 @@ def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
     stages.evaluate(p, None, runs, reports, progress=False)
     md = (reports / "benchmark.md").read_text()
     assert md.count("**Stale") == 1 and "Stale: its sets were scored as eval.models 'final' says" in md
+
+
+def test_a_step_is_timed_by_its_steady_rate_not_a_rounded_median(tmp_path: Path) -> None:
+    """The trainer logs milliseconds: a CNN step of 20.5 ms reads 20 or 21. The median picks one of
+    them (2.5% off); the trimmed mean of the steady steps does not, and the warm-up is left out."""
+    t, times = 0.0, []
+    for i in range(200):
+        t += 0.5 if i < 10 else 0.020 if i % 2 else 0.021  # slow warm-up, then 20.5 ms on average
+        times.append(round(t, 3))
+    times[150:] = [x + 0.4 for x in times[150:]]  # one stall (the host): trimmed away
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"iter": i + 1, "time": x}) + "\n" for i, x in enumerate(times)))
+    assert plain_cnn._seconds_per_iter(log) == pytest.approx(0.0205, abs=2e-4)
+    log.write_text(json.dumps({"iter": 1, "time": 1.0}) + "\n")
+    with pytest.raises(ValueError, match="too few iterations to time; raise --calibrate"):
+        plain_cnn._seconds_per_iter(log)
 
 
 def test_each_set_is_scored_by_the_stage_trained_for_it(trained_quickstart: tuple[Path, Path, Path]) -> None:
