@@ -120,18 +120,14 @@ def _seconds_per_iter(log: Path) -> float:
     return statistics.fmean(steady[cut:len(steady) - cut])
 
 
-def _score(p: Params, checkpoints: dict[str, Path]) -> dict[str, Any]:
-    """The CNN's scores on every test set, each set scored by the stage's weights eval.models picks
-    (gsm.stages.SCORED_BY under "per_stage", the last stage's under "final"), as `gsm evaluate` does."""
+def _score(p: Params, by_kind: dict[str, Path]) -> dict[str, Any]:
+    """The CNN's scores on every test set, each family scored by its checkpoint in `by_kind`
+    (gsm.stages.scoring_checkpoints, as `gsm evaluate` picks them)."""
     manifest = read_manifest(p.data)
     device = resolve_device(p.eval.device, "eval.device")
-    final = checkpoints[STAGES[-1]]
     models: dict[Path, PlainCNN] = {}
     scores: dict[str, Any] = {}
-    for kind in stages.TEST_KINDS:
-        if not manifest.get(kind):
-            continue
-        ckpt = checkpoints[stages.SCORED_BY[kind]] if p.eval.models == "per_stage" else final
+    for kind, ckpt in by_kind.items():
         if ckpt not in models:
             models[ckpt] = PlainCNN(PlainCNNConfig())
             load_weights(models[ckpt], weights_of(load_checkpoint(ckpt)), ckpt)
@@ -180,14 +176,13 @@ def run(params: Path, runs: Path, out: Path, calibrate: int, lrs: dict[str, floa
     calibration: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="gsm-plain-cnn-") as tmp:
         work, init = Path(tmp), None
-        last: dict[str, Path] = {}
         for stage in STAGES:
             calibration[stage] = step_ratio(p, stage, calibrate, work / "calibrate" / stage)
             calibration[stage]["gsm_budget_steps"] = gsm_steps[stage]
             iters[stage] = max(calibrate, round(gsm_steps[stage] * calibration[stage]["cnn_per_gsm_step"]))
-            init = last[stage] = _train(p, stage, iters[stage], work / "run", init)
+            init = _train(p, stage, iters[stage], work / "run", init)
             seconds[stage] = stage_seconds(work / "run" / stage / "metrics.jsonl")
-        scores = _score(p, last)
+        scores = _score(p, stages.scoring_checkpoints(p, work / "run", manifest))
     model = PlainCNN(PlainCNNConfig())
     name, title = entry_name(lrs)
     entry = {

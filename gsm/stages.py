@@ -170,11 +170,11 @@ def scoring_checkpoints(p: Params, runs: Path, manifest: dict[str, Any], checkpo
         return {k: final for k in kinds}
     chosen: dict[str, Path] = {}
     for kind in kinds:
-        own = Path(runs) / SCORED_BY[kind] / "checkpoints" / "last.pt"
-        if not own.is_file():
+        chosen[kind] = Path(runs) / SCORED_BY[kind] / "checkpoints" / "last.pt"
+        if not chosen[kind].is_file():
             log.warning("eval.models per_stage: no %s-stage checkpoint (%s); %s test sets are scored by %s",
-                        SCORED_BY[kind], own, kind, final)  # fmt: skip
-        chosen[kind] = own if own.is_file() else final
+                        SCORED_BY[kind], chosen[kind], kind, final)  # fmt: skip
+            chosen[kind] = final
     return chosen
 
 
@@ -221,7 +221,7 @@ def evaluate(
     return results
 
 
-def read_baselines(path: Path, manifest: dict[str, Any], models: str = "per_stage") -> dict[str, dict[str, Any]]:
+def read_baselines(path: Path, manifest: dict[str, Any], models: str) -> dict[str, dict[str, Any]]:
     """The baselines measured on this profile (benchmarks/plain_cnn.py), each marked `same_data`
     when it was trained on exactly the data in `manifest`, and `same_models` when its sets were
     scored as eval.models `models` says (an entry without `eval_models` predates per-stage scoring:

@@ -152,11 +152,13 @@ def test_each_set_is_scored_by_the_stage_trained_for_it(trained_quickstart: tupl
         "quickstart-REDS": str(reds), "quickstart-Vimeo": str(vimeo)}  # fmt: skip
     assert f"- scored by: quickstart-REDS: {reds}; quickstart-Vimeo: {vimeo}" in (reports / "per" / "benchmark.md").read_text()
 
+    from gsm.data.prepare import read_manifest
+
     cnn_reds = plain_cnn._train(p, "reds", 2, reports / "cnn", None)
-    cnn_vimeo = plain_cnn._train(p, "vimeo", 2, reports / "cnn", cnn_reds)
-    both = {"reds": cnn_reds, "vimeo": cnn_vimeo}
-    cnn_per = plain_cnn._score(p, both)
-    cnn_final = plain_cnn._score(replace(p, eval=replace(p.eval, models="final")), both)
+    plain_cnn._train(p, "vimeo", 2, reports / "cnn", cnn_reds)
+    p_final = replace(p, eval=replace(p.eval, models="final"))
+    cnn_per = plain_cnn._score(p, stages.scoring_checkpoints(p, reports / "cnn", read_manifest(p.data)))
+    cnn_final = plain_cnn._score(p_final, stages.scoring_checkpoints(p_final, reports / "cnn", read_manifest(p.data)))
     assert cnn_per["quickstart-REDS"] != cnn_final["quickstart-REDS"]
     assert cnn_per["quickstart-REDS"] == plain_cnn._score(p, {"reds": cnn_reds, "vimeo": cnn_reds})["quickstart-REDS"]
     assert cnn_per["quickstart-Vimeo"] == cnn_final["quickstart-Vimeo"]
