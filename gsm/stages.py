@@ -19,7 +19,7 @@ from gsm.eval.protocols import TestResult, make_validator
 from gsm.ops.backend import resolve_device
 from gsm.params import Params, params_yaml
 from gsm.tracking import TrackingTarget, mlflow_errors, sha256_file, tracking_target
-from gsm.train.config import STAGES, resolve_init
+from gsm.train.config import STAGES, TrainConfig, resolve_init, stage_differences
 from gsm.train.data import reds_train_set, vimeo_train_set
 from gsm.train.trainer import TrainResult, Validate, train_stage
 
@@ -212,7 +212,7 @@ def evaluate(
     val_sets = {s: split_name(manifest, s, "val") for s in STAGES if manifest.get(s)}  # type: ignore[arg-type]
     scorers = [(load_model(ckpt), ss) for ckpt, ss in groups.items()]
     results = run_evaluation(scorers, p.eval, out, train_logs=logs, info=info, progress=progress,
-                             baselines=read_baselines(Path(out) / "baselines.json", manifest, p.eval.models),
+                             baselines=read_baselines(Path(out) / "baselines.json", manifest, p.eval.models, p.train),
                              val_sets=val_sets)  # fmt: skip
     target = tracking_target(p.mlflow, tracking_uri, parent_run_id)
     if target is not None:
@@ -221,11 +221,12 @@ def evaluate(
     return results
 
 
-def read_baselines(path: Path, manifest: dict[str, Any], models: str) -> dict[str, dict[str, Any]]:
+def read_baselines(path: Path, manifest: dict[str, Any], models: str, train: TrainConfig) -> dict[str, dict[str, Any]]:
     """The baselines measured on this profile (benchmarks/plain_cnn.py), each marked `same_data`
-    when it was trained on exactly the data in `manifest`, and `same_models` when its sets were
-    scored as eval.models `models` says (an entry without `eval_models` predates per-stage scoring:
-    "final"). A missing file: none."""
+    when it was trained on exactly the data in `manifest`, `same_models` when its sets were scored
+    as eval.models `models` says (an entry without `eval_models` predates per-stage scoring:
+    "final"), and given `recipe_changes`: how `train` differs from the recipe it was trained on
+    (an entry that recorded none: unknown). A missing file: none."""
     if not path.is_file():
         return {}
     try:
@@ -233,7 +234,15 @@ def read_baselines(path: Path, manifest: dict[str, Any], models: str) -> dict[st
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     current = {s: data_fingerprint(manifest, s) for s in STAGES if manifest.get(s)}
-    return {name: {**e, "same_data": e.get("data") == current, "same_models": e.get("eval_models", "final") == models}
+
+    def recipe_changes(e: dict[str, Any]) -> list[str]:
+        recipe = e.get("recipe")
+        if not isinstance(recipe, dict):
+            return ["the entry records none"]
+        return [f"train.{s}.{d}" for s in STAGES for d in stage_differences(recipe.get(s) or {}, train.stage(s))]
+
+    return {name: {**e, "same_data": e.get("data") == current, "same_models": e.get("eval_models", "final") == models,
+                   "recipe_changes": recipe_changes(e)}
             for name, e in entries.items()
             if isinstance(e, dict) and e.get("profile") == manifest.get("profile")}  # fmt: skip
 

@@ -71,7 +71,12 @@ def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
         assert c["gsm_step"] > 0 and len(c["cnn_steps"]) == 2 and all(x > 0 for x in c["cnn_steps"])
         assert c["cnn_per_gsm_step"] == pytest.approx(c["gsm_step"] / (sum(c["cnn_steps"]) / 2))
         assert c["gsm_budget_steps"] == pytest.approx(gsm_s[s] / plain_cnn._seconds_per_iter(runs / s / "metrics.jsonl"))
-        assert e["iters"][s] == max(2, round(c["gsm_budget_steps"] * c["cnn_per_gsm_step"]))
+        planned = max(2, round(c["gsm_budget_steps"] * c["cnn_per_gsm_step"]))
+        if "first_run" in c:  # the planned run missed the GSM's seconds by over 5 %: trained again, rescaled
+            assert c["first_run"]["iters"] == planned
+            assert e["iters"][s] == plain_cnn.rescaled_iters(planned, c["first_run"]["seconds"], gsm_s[s], 2)
+        else:
+            assert e["iters"][s] == planned
     assert set(e["scores"]) == {"quickstart-REDS", "quickstart-Vimeo"}
     for sc in e["scores"].values():
         assert 5 < sc["psnr"] < 60 and 5 < sc["bicubic_psnr"] < 60
@@ -83,7 +88,8 @@ def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
     md = (reports / "benchmark.md").read_text()
     assert "## Baselines trained here" in md and plain_cnn.TITLE in md and "Stale" not in md
     assert "at step-time ratios measured side by side" in md
-    assert f"; it ran {sum(e['train_seconds'].values()):.0f} s)" in md
+    ran = f"; it ran {sum(e['train_seconds'].values()):.0f} s"
+    assert ran + ")" in md or ran + " (**not equal wall-clock**" in md
     reds = e["scores"]["quickstart-REDS"]
     assert "| quickstart-REDS | " in md and f"{reds['psnr']:.2f} / {reds['ssim']:.4f}" in md
 
@@ -109,6 +115,39 @@ def test_benchmark_trains_for_the_gsm_wall_clock_and_reports_beside_ours(
     stages.evaluate(p, None, runs, reports, progress=False)
     md = (reports / "benchmark.md").read_text()
     assert md.count("**Stale") == 1 and "Stale: its sets were scored as eval.models 'final' says" in md
+
+    # Same data and scoring, another recipe in params.yaml (or none recorded): stale, naming the keys.
+    saved["plain_cnn"]["eval_models"] = "per_stage"
+    saved["plain_cnn"]["recipe"]["reds"]["gt_size"] += 4
+    del saved["plain_cnn_reds_lr0.0005"]["recipe"]
+    (reports / "baselines.json").write_text(json.dumps(saved))
+    stages.evaluate(p, None, runs, reports, progress=False)
+    md = (reports / "benchmark.md").read_text()
+    gt = p.train.reds.gt_size
+    assert md.count("**Stale") == 2
+    assert f"Stale: not trained on this run's recipe (train.reds.gt_size {gt + 4} != {gt}); rerun" in md
+    assert "Stale: not trained on this run's recipe (the entry records none)" in md
+
+
+def test_a_cnn_stage_that_missed_the_gsm_seconds_is_rescaled_by_its_own_rate() -> None:
+    assert plain_cnn.rescaled_iters(11461, 255.4, 215.2, 240) == 9657  # 19 % over: its rate decides
+    assert plain_cnn.rescaled_iters(1000, 80.0, 100.0, 240) == 1250  # 20 % short
+    assert plain_cnn.rescaled_iters(1000, 104.0, 100.0, 240) is None  # within 5 %: kept
+    assert plain_cnn.rescaled_iters(1000, 96.0, 100.0, 240) is None
+    assert plain_cnn.rescaled_iters(300, 400.0, 100.0, 240) == 240  # never below the probes' length
+
+
+def test_a_baseline_that_ran_longer_than_the_gsm_is_flagged() -> None:
+    """The probes' step-time ratio is measured on a shared host: a run that missed the GSM's seconds
+    by more than 5% says so beside its seconds, per stage."""
+    from gsm.eval.report import _ran
+
+    entry = {"gsm_train_seconds": {"reds": 200.0, "vimeo": 100.0}}
+    assert _ran({**entry, "train_seconds": {"reds": 204.0, "vimeo": 97.0}}) == "; it ran 301 s"
+    text = _ran({**entry, "train_seconds": {"reds": 240.0, "vimeo": 103.0}})
+    assert text == "; it ran 343 s (**not equal wall-clock**: reds 1.20x the GSM's)"
+    assert "vimeo 0.80x the GSM's" in _ran({**entry, "train_seconds": {"reds": 200.0, "vimeo": 80.0}})
+    assert _ran({}) == ""
 
 
 def test_a_step_is_timed_by_its_steady_rate_not_a_rounded_median(tmp_path: Path) -> None:

@@ -168,7 +168,8 @@ def baselines_markdown(results: Mapping[str, TestResult], baselines: Mapping[str
     """Rows of the baselines trained on this data (benchmarks/, reports/baselines.json) beside ours.
 
     An entry whose `same_data` is false was measured on other data, one whose `same_models` is false
-    scored its sets with other stages' models (eval.models): shown, and marked stale.
+    scored its sets with other stages' models (eval.models), one with `recipe_changes` was trained on
+    another params.yaml recipe: shown, and marked stale.
     """
     if not baselines:
         return []
@@ -187,6 +188,9 @@ def baselines_markdown(results: Mapping[str, TestResult], baselines: Mapping[str
         elif not b.get("same_models", True):
             lines += [f"**Stale: its sets were scored as eval.models {b.get('eval_models', 'final')!r} says, not as "
                       f"this run's; rerun the command above.**", ""]  # fmt: skip
+        elif b.get("recipe_changes"):
+            lines += [f"**Stale: not trained on this run's recipe ({'; '.join(b['recipe_changes'])}); "
+                      f"rerun the command above.**", ""]  # fmt: skip
         lines += ["| test set | ours (this run) | baseline | bicubic |", "|---|---|---|---|"]
         for name, sc in b["scores"].items():
             ours = _fmt(results[name].psnr, results[name].ssim) if name in results else "not run"
@@ -196,10 +200,23 @@ def baselines_markdown(results: Mapping[str, TestResult], baselines: Mapping[str
     return lines[:-1]
 
 
+# A baseline that trained this much longer or shorter than the GSM run is flagged: its step-time
+# probes misjudged the ratio (a noisy host), and the comparison is not at equal wall-clock.
+EQUAL_TIME_TOLERANCE = 0.05
+
+
 def _ran(b: Mapping[str, Any]) -> str:
     """How long the baseline actually trained, when the entry says: the check on 'equal wall-clock'."""
     ran = b.get("train_seconds")
-    return f"; it ran {sum(ran.values()):.0f} s" if isinstance(ran, Mapping) and ran else ""
+    if not (isinstance(ran, Mapping) and ran):
+        return ""
+    text = f"; it ran {sum(ran.values()):.0f} s"
+    gsm = b.get("gsm_train_seconds") or {}
+    off = {s: ran[s] / gsm[s] for s in ran if gsm.get(s)}
+    off = {s: r for s, r in off.items() if abs(r - 1) > EQUAL_TIME_TOLERANCE}
+    if off:
+        text += " (**not equal wall-clock**: " + ", ".join(f"{s} {r:.2f}x the GSM's" for s, r in off.items()) + ")"
+    return text
 
 
 def protocol_text(r: TestResult) -> str:
