@@ -148,6 +148,10 @@ def test_a_baseline_that_ran_longer_than_the_gsm_is_flagged() -> None:
     assert text == "; it ran 343 s (**not equal wall-clock**: reds 1.20x the GSM's)"
     assert "vimeo 0.80x the GSM's" in _ran({**entry, "train_seconds": {"reds": 200.0, "vimeo": 80.0}})
     assert _ran({}) == ""
+    from gsm.eval.report import _retrained
+
+    assert _retrained({"calibration": {"reds": {"first_run": {}}, "vimeo": {}}}) == ", reds retrained at a first run's own rate"
+    assert _retrained({"calibration": {"reds": {}, "vimeo": {}}}) == "" and _retrained({}) == ""
 
 
 def test_a_step_is_timed_by_its_steady_rate_not_a_rounded_median(tmp_path: Path) -> None:

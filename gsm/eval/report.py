@@ -179,6 +179,7 @@ def baselines_markdown(results: Mapping[str, TestResult], baselines: Mapping[str
             f"{b['title']}: `{b['command']}`, trained by the same trainer on the same data and recipe for the "
             f"GSM run's wall-clock ({sum(b['gsm_train_seconds'].values()):.0f} s"
             f"{', at step-time ratios measured side by side' if 'calibration' in b else ''}"
+            f"{_retrained(b)}"
             f"{_ran(b)}), on {b['machine']}, "
             f"commit {b['commit']}, {b['date']}; {b['params']:,} parameters.",
             "",
@@ -203,6 +204,13 @@ def baselines_markdown(results: Mapping[str, TestResult], baselines: Mapping[str
 # A baseline that trained this much longer or shorter than the GSM run is flagged: its step-time
 # probes misjudged the ratio (a noisy host), and the comparison is not at equal wall-clock.
 EQUAL_TIME_TOLERANCE = 0.05
+
+
+def _retrained(b: Mapping[str, Any]) -> str:
+    """The stages that plain_cnn trained again, at the rate of a first run that missed the GSM's seconds."""
+    calibration = b.get("calibration") or {}
+    again = [s for s, c in calibration.items() if isinstance(c, Mapping) and "first_run" in c]
+    return f", {' and '.join(again)} retrained at a first run's own rate" if again else ""
 
 
 def _ran(b: Mapping[str, Any]) -> str:
