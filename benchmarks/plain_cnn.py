@@ -43,7 +43,7 @@ from gsm.configs import to_mapping  # noqa: E402
 from gsm.data.catalog import eval_sets  # noqa: E402
 from gsm.data.prepare import read_manifest  # noqa: E402
 from gsm.eval.protocols import evaluate_model  # noqa: E402
-from gsm.eval.report import EQUAL_TIME_TOLERANCE  # noqa: E402
+from gsm.eval.report import equal_wall_clock  # noqa: E402
 from gsm.io import atomic_write_json, atomic_write_text, cpu_name  # noqa: E402
 from gsm.models.plain_cnn import PlainCNN, PlainCNNConfig  # noqa: E402
 from gsm.ops.backend import resolve_device  # noqa: E402
@@ -153,11 +153,11 @@ def _commit() -> str | None:
 
 
 def rescaled_iters(iters: int, seconds: float, gsm_seconds: float, floor: int) -> int | None:
-    """None when a CNN stage of `iters` iterations ran within EQUAL_TIME_TOLERANCE of the GSM's
+    """None when a CNN stage of `iters` iterations ran within gsm.eval.report's tolerance of the GSM's
     seconds; else the iterations that its measured rate fits into them. A GSM step's cost drifts
     over a stage (46-59 ms on 2026-12-01) and 240-step probes on a shared host can miss the ratio
     by 20 %; the whole run's rate does not depend on them."""
-    if gsm_seconds <= 0 or abs(seconds / gsm_seconds - 1) <= EQUAL_TIME_TOLERANCE:
+    if gsm_seconds <= 0 or equal_wall_clock(seconds, gsm_seconds):
         return None
     return max(floor, round(iters * gsm_seconds / seconds))
 
