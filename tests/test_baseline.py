@@ -256,3 +256,55 @@ def test_missing_gsm_run_is_one_line(tiny_params: Path, tmp_path: Path, capsys: 
     assert rc == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "train the quickstart first" in err and "\n" not in err
+
+
+def test_seed_spread_trains_each_model_per_seed_and_resumes(
+    trained_quickstart: tuple[Path, Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import seed_spread
+
+    from gsm.configs import to_mapping
+    from gsm.params import load_params
+
+    params, runs, reports = trained_quickstart
+    p = load_params(params)
+    recipe = json.loads(json.dumps({s: to_mapping(p.train.stage(s)) for s in ("reds", "vimeo")}))
+    other = json.loads(json.dumps(recipe))
+    other["reds"]["gt_size"] += 4
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "baselines.json").write_text(json.dumps({
+        "plain_cnn": {"lr": {"reds": 5e-4}, "iters": {"reds": 3, "vimeo": 2}, "recipe": recipe},
+        "old_cnn": {"lr": {}, "iters": {"reds": 3, "vimeo": 2}, "recipe": other},  # another recipe: left out
+    }))
+    doc = seed_spread.run(params, runs, reports, seeds=[0, 1])
+    assert doc["models"] == ["gsm", "plain_cnn"]
+    cells = doc["cells"]
+    assert set(cells) == {"gsm/0", "plain_cnn/0", "gsm/1", "plain_cnn/1"}
+    assert cells["gsm/0"]["source"] == str(runs)  # the params' seed: the pipeline's own run, scored as it is
+    assert cells["gsm/0"]["seconds"]["reds"] == pytest.approx(plain_cnn.stage_seconds(runs / "reds" / "metrics.jsonl"), abs=1e-3)
+    assert cells["gsm/1"]["source"] == "trained here" and cells["gsm/1"]["iters"] == {"reds": p.train.reds.iters,
+                                                                                    "vimeo": p.train.vimeo.iters}
+    assert cells["plain_cnn/1"]["iters"] == {"reds": 3, "vimeo": 2} and cells["plain_cnn/1"]["lr"] == {"reds": 5e-4}
+    vimeo = cells["gsm/1"]["scores"]["quickstart-Vimeo"]
+    assert vimeo["clips"] > vimeo["first_clips"] == p.eval.max_clips  # every clip, and benchmark.md's first ones
+    assert cells["gsm/1"]["scores"] != cells["gsm/0"]["scores"]  # another seed trained another model
+    md = (reports / "seed_spread.md").read_text()
+    assert "| gsm | " in md and "| plain_cnn | " in md and "old_cnn" not in md
+    assert md.count("- GSM minus plain_cnn, paired by seed: ") == 2 and "2 seeds)" in md
+
+    # A rerun finds every cell done and trains nothing.
+    monkeypatch.setattr(seed_spread, "run_cell", lambda *a, **k: pytest.fail("a finished cell ran again"))
+    assert seed_spread.run(params, runs, reports, seeds=[0, 1])["cells"] == cells
+
+
+def test_seed_spread_scores_every_clip_and_benchmark_mds_first() -> None:
+    import seed_spread
+
+    from gsm.eval.protocols import ClipResult, TestResult
+
+    clips = tuple(ClipResult(f"c{i}", ("f",), (30.0 + i,), (0.9,), (28.0,), (0.8,)) for i in range(3))
+    r = TestResult("s", "vimeo", True, 0, clips, 1.0)
+    assert seed_spread.set_scores(r, 2) == {"clips": 3, "psnr": 31.0, "bicubic_psnr": 28.0, "first_clips": 2,
+                                            "psnr_first": 30.5, "bicubic_psnr_first": 28.0}
+    assert seed_spread.set_scores(r, None)["psnr_first"] == 31.0
+    assert seed_spread.spread([1.0, 2.0, 3.0]) == "2.000 ± 1.000" and seed_spread.spread([1.5]) == "1.50"
