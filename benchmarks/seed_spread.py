@@ -111,9 +111,25 @@ def models_to_run(p: Params, baselines: dict[str, Any]) -> dict[str, dict[str, A
     return todo
 
 
+def check_run(p: Params, runs: Path) -> None:
+    """The GSM run reused for the params' seed must have trained on the params' recipe and seed."""
+    for stage in STAGES:
+        ckpt = runs / stage / "checkpoints" / "last.pt"
+        if not ckpt.is_file():
+            raise FileNotFoundError(f"{ckpt}: no GSM checkpoint; train the quickstart first (`make repro`)")
+        state = load_checkpoint(ckpt)
+        diffs = stage_differences(state.get("train_config") or {}, p.train.stage(stage))
+        if state.get("seed") != p.train.seed:
+            diffs.append(f"seed {state.get('seed')!r} != {p.train.seed!r}")
+        if diffs:
+            raise ValueError(f"{ckpt} was not trained on params' train.{stage}: {', '.join(diffs)}; "
+                             "rerun `make repro` or pass --runs")
+
+
 def run_cell(p: Params, name: str, spec: dict[str, Any], seed: int, runs: Path) -> dict[str, Any]:
     ps = plain_cnn.with_lrs(replace(p, train=replace(p.train, seed=seed)), spec["lr"])
     if name == GSM and seed == p.train.seed:
+        check_run(p, runs)
         seconds = {s: round(plain_cnn.stage_seconds(runs / s / "metrics.jsonl"), 3) for s in STAGES}
         scores = score(ps, stages.scoring_checkpoints(ps, runs, read_manifest(p.data)), load_model)
         return {"seconds": seconds, "scores": scores, "source": str(runs)}

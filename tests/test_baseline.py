@@ -308,3 +308,19 @@ def test_seed_spread_scores_every_clip_and_benchmark_mds_first() -> None:
                                             "psnr_first": 30.5, "bicubic_psnr_first": 28.0}
     assert seed_spread.set_scores(r, None)["psnr_first"] == 31.0
     assert seed_spread.spread([1.0, 2.0, 3.0]) == "2.000 ± 1.000" and seed_spread.spread([1.5]) == "1.50"
+
+
+def test_seed_spread_refuses_a_run_of_another_recipe(trained_quickstart: tuple[Path, Path, Path]) -> None:
+    import seed_spread
+
+    from gsm.params import load_params
+
+    params, runs, _ = trained_quickstart
+    p = load_params(params)
+    seed_spread.check_run(p, runs)  # the fixture's run: the params' recipe and seed
+    other = replace(p, train=replace(p.train, seed=5, reds=replace(p.train.reds, gt_size=p.train.reds.gt_size + 4)))
+    with pytest.raises(ValueError, match=r"reds/checkpoints/last.pt was not trained on params' train.reds: "
+                                         r"gt_size \d+ != \d+, seed 0 != 5; rerun"):
+        seed_spread.check_run(other, runs)
+    with pytest.raises(FileNotFoundError, match="no GSM checkpoint"):
+        seed_spread.check_run(p, runs.parent / "elsewhere")
