@@ -4,9 +4,9 @@ with other seeds, on the same recipe and iterations, and scored on the test sets
     .venv/bin/python benchmarks/seed_spread.py [--seeds 0 1 2] [--params params.yaml]
         [--runs runs/quickstart] [--out reports]
 
-The GSM and the lr-tuned CNN are a few hundredths of a dB apart, and one seed moved a score by up to
-0.07 dB. One run per model cannot say which is ahead; the spread over seeds and the difference paired
-by seed can.
+In one run the GSM and the lr-tuned CNN are a few hundredths of a dB apart, less than the seed alone
+moves a CNN's score (up to 0.34 dB over five seeds, 2026-12-01). One run per model cannot say which
+is ahead; the spread over seeds and the difference paired by seed can.
 
 Each model keeps the iterations of its record: the GSM trains the recipe's `train.<stage>.iters`,
 and each CNN entry of <out>/baselines.json (benchmarks/plain_cnn.py) trains the iterations it was
