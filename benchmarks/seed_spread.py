@@ -17,7 +17,7 @@ checkpoints plain_cnn.py does not keep, are trained again.
 
 Every clip of each test set is scored, and the first eval.max_clips as benchmark.md does. Each
 finished (model, seed) cell is saved at once in <out>/seed_spread.json; a rerun skips the cells done
-on the same recipe and iterations. Writes <out>/seed_spread.md.
+on the same recipe, data, starting SpyNet, GSM config and iterations. Writes <out>/seed_spread.md.
 """
 
 from __future__ import annotations
@@ -200,8 +200,12 @@ def run(params: Path, runs: Path, out: Path, seeds: list[int]) -> dict[str, Any]
     doc = json.loads(path.read_text()) if path.is_file() else {}
     bl = out / "baselines.json"
     todo = models_to_run(p, json.loads(bl.read_text()) if bl.is_file() else {})
-    recipe = json.loads(json.dumps({s: to_mapping(p.train.stage(s)) for s in STAGES}))  # as stored
-    cells = {k: c for k, c in doc.get("cells", {}).items() if c.get("recipe") == recipe}
+    # What a cell was made from, as stored: a cell made from anything else is trained again.
+    manifest = read_manifest(p.data)
+    made = json.loads(json.dumps({"recipe": {s: to_mapping(p.train.stage(s)) for s in STAGES},
+                                  "inputs": {s: stages._inputs(p, manifest, s) for s in STAGES},  # type: ignore[arg-type]
+                                  "network": to_mapping(p.model)}))  # fmt: skip
+    cells = {k: c for k, c in doc.get("cells", {}).items() if all(c.get(f) == v for f, v in made.items())}
 
     def save() -> dict[str, Any]:
         d = {"models": list(todo), "cells": cells, "machine": f"{cpu_name()}, {torch.get_num_threads()} threads",
@@ -216,7 +220,7 @@ def run(params: Path, runs: Path, out: Path, seeds: list[int]) -> dict[str, Any]
             if key in cells and cells[key]["iters"] == spec["iters"]:
                 continue
             print(f"{key}: training", file=sys.stderr)
-            cells[key] = {"model": name, "seed": seed, "lr": spec["lr"], "iters": spec["iters"], "recipe": recipe,
+            cells[key] = {"model": name, "seed": seed, "lr": spec["lr"], "iters": spec["iters"], **made,
                           "commit": plain_cnn._commit(), "date": dt.date.today().isoformat(),
                           **run_cell(p, name, spec, seed, runs)}  # fmt: skip
             save()

@@ -296,6 +296,19 @@ def test_seed_spread_trains_each_model_per_seed_and_resumes(
     monkeypatch.setattr(seed_spread, "run_cell", lambda *a, **k: pytest.fail("a finished cell ran again"))
     assert seed_spread.run(params, runs, reports, seeds=[0, 1])["cells"] == cells
 
+    # A cell made from other data is trained again, and only that one.
+    saved = json.loads((reports / "seed_spread.json").read_text())
+    saved["cells"]["plain_cnn/1"]["inputs"]["reds"]["data"] = "0" * 64
+    (reports / "seed_spread.json").write_text(json.dumps(saved))
+    ran: list[str] = []
+
+    def again(p: object, name: str, spec: object, seed: int, runs: Path) -> dict[str, object]:
+        ran.append(f"{name}/{seed}")
+        return {k: cells[f"{name}/{seed}"][k] for k in ("seconds", "scores", "source")}
+
+    monkeypatch.setattr(seed_spread, "run_cell", again)
+    assert seed_spread.run(params, runs, reports, seeds=[0, 1])["cells"] == cells and ran == ["plain_cnn/1"]
+
 
 def test_seed_spread_scores_every_clip_and_benchmark_mds_first() -> None:
     import seed_spread
