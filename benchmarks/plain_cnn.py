@@ -31,9 +31,10 @@ import sys
 import tempfile
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -42,7 +43,7 @@ from gsm import stages  # noqa: E402
 from gsm.configs import to_mapping  # noqa: E402
 from gsm.data.catalog import eval_sets  # noqa: E402
 from gsm.data.prepare import read_manifest  # noqa: E402
-from gsm.eval.protocols import evaluate_model  # noqa: E402
+from gsm.eval.protocols import TestResult, evaluate_model  # noqa: E402
 from gsm.eval.report import equal_wall_clock  # noqa: E402
 from gsm.io import atomic_write_json, atomic_write_text, cpu_name  # noqa: E402
 from gsm.models.plain_cnn import PlainCNN, PlainCNNConfig  # noqa: E402
@@ -123,25 +124,36 @@ def _seconds_per_iter(log: Path) -> float:
     return statistics.fmean(steady[cut:len(steady) - cut])
 
 
-def _score(p: Params, by_kind: dict[str, Path]) -> dict[str, Any]:
-    """The CNN's scores on every test set, each family scored by its checkpoint in `by_kind`
-    (gsm.stages.scoring_checkpoints, as `gsm evaluate` picks them)."""
+def load_cnn(path: Path) -> PlainCNN:
+    model = PlainCNN(PlainCNNConfig())
+    load_weights(model, weights_of(load_checkpoint(path)), path)
+    return model.eval()
+
+
+def score_checkpoints(p: Params, by_kind: dict[str, Path], load: Callable[[Path], nn.Module],
+                      max_clips: int | None, progress: bool = True) -> dict[str, TestResult]:
+    """Every test set of each family scored by its checkpoint in `by_kind` (gsm.stages.scoring_checkpoints,
+    as `gsm evaluate` picks them), with eval's tiling and chunking; a checkpoint shared by families
+    is loaded once."""
     manifest = read_manifest(p.data)
     device = resolve_device(p.eval.device, "eval.device")
-    models: dict[Path, PlainCNN] = {}
-    scores: dict[str, Any] = {}
+    models: dict[Path, nn.Module] = {}
+    results: dict[str, TestResult] = {}
     for kind, ckpt in by_kind.items():
         if ckpt not in models:
-            models[ckpt] = PlainCNN(PlainCNNConfig())
-            load_weights(models[ckpt], weights_of(load_checkpoint(ckpt)), ckpt)
-            models[ckpt].to(device).eval()
+            models[ckpt] = load(ckpt).to(device)
         for ts in eval_sets(manifest, kind):  # type: ignore[arg-type]
-            r = evaluate_model(models[ckpt], ts, tile=p.eval.tile, tile_overlap=p.eval.tile_overlap, chunk=p.eval.chunk,
-                               chunk_overlap=p.eval.chunk_overlap, device=device, keep=False,
-                               max_clips=p.eval.max_clips)  # fmt: skip
-            scores[ts.name] = {"psnr": round(r.psnr, 4), "ssim": round(r.ssim, 4),
-                               "bicubic_psnr": round(r.bicubic_psnr, 4), "bicubic_ssim": round(r.bicubic_ssim, 4)}
-    return scores
+            results[ts.name] = evaluate_model(models[ckpt], ts, tile=p.eval.tile, tile_overlap=p.eval.tile_overlap,
+                                              chunk=p.eval.chunk, chunk_overlap=p.eval.chunk_overlap, device=device,
+                                              keep=False, progress=progress, max_clips=max_clips)  # fmt: skip
+    return results
+
+
+def _score(p: Params, by_kind: dict[str, Path]) -> dict[str, Any]:
+    """The CNN's scores on every test set, as benchmark.md scores ours (eval.max_clips)."""
+    return {name: {"psnr": round(r.psnr, 4), "ssim": round(r.ssim, 4), "bicubic_psnr": round(r.bicubic_psnr, 4),
+                   "bicubic_ssim": round(r.bicubic_ssim, 4)}
+            for name, r in score_checkpoints(p, by_kind, load_cnn, p.eval.max_clips).items()}  # fmt: skip
 
 
 def _commit() -> str | None:

@@ -42,24 +42,15 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import plain_cnn  # noqa: E402
 from gsm import stages  # noqa: E402
 from gsm.configs import to_mapping  # noqa: E402
-from gsm.data.catalog import eval_sets  # noqa: E402
 from gsm.data.prepare import read_manifest  # noqa: E402
-from gsm.eval.protocols import TestResult, evaluate_model  # noqa: E402
+from gsm.eval.protocols import TestResult  # noqa: E402
 from gsm.eval.report import EQUAL_TIME_TOLERANCE, equal_wall_clock  # noqa: E402
 from gsm.io import atomic_write_json, atomic_write_text, cpu_name  # noqa: E402
-from gsm.models.plain_cnn import PlainCNN, PlainCNNConfig  # noqa: E402
-from gsm.ops.backend import resolve_device  # noqa: E402
 from gsm.params import Params, load_params  # noqa: E402
-from gsm.train.checkpoint import load_checkpoint, load_model, load_weights, weights_of  # noqa: E402
+from gsm.train.checkpoint import load_checkpoint, load_model  # noqa: E402
 from gsm.train.config import STAGES, stage_differences  # noqa: E402
 
 GSM = "gsm"
-
-
-def _load_cnn(path: Path) -> nn.Module:
-    model = PlainCNN(PlainCNNConfig())
-    load_weights(model, weights_of(load_checkpoint(path)), path)
-    return model.eval()
 
 
 def set_scores(r: TestResult, first: int | None) -> dict[str, float]:
@@ -75,17 +66,9 @@ def set_scores(r: TestResult, first: int | None) -> dict[str, float]:
 
 
 def score(p: Params, checkpoints: dict[str, Path], load: Callable[[Path], nn.Module]) -> dict[str, dict[str, float]]:
-    """Each test family scored by its checkpoint (gsm.stages.scoring_checkpoints), every clip."""
-    manifest = read_manifest(p.data)
-    device = resolve_device(p.eval.device, "eval.device")
-    out: dict[str, dict[str, float]] = {}
-    for kind, ckpt in checkpoints.items():
-        model = load(ckpt).to(device)
-        for ts in eval_sets(manifest, kind):  # type: ignore[arg-type]
-            r = evaluate_model(model, ts, tile=p.eval.tile, tile_overlap=p.eval.tile_overlap, chunk=p.eval.chunk,
-                               chunk_overlap=p.eval.chunk_overlap, device=device, keep=False, progress=False)  # fmt: skip
-            out[ts.name] = set_scores(r, p.eval.max_clips)
-    return out
+    """Each test family scored by its checkpoint, every clip (and the first eval.max_clips)."""
+    return {name: set_scores(r, p.eval.max_clips)
+            for name, r in plain_cnn.score_checkpoints(p, checkpoints, load, None, progress=False).items()}
 
 
 def train_cell(p: Params, iters: dict[str, int], work: Path, cnn: bool) -> tuple[dict[str, float], dict[str, Path]]:
@@ -97,15 +80,14 @@ def train_cell(p: Params, iters: dict[str, int], work: Path, cnn: bool) -> tuple
     return seconds, stages.scoring_checkpoints(p, work, read_manifest(p.data))
 
 
-def models_to_run(p: Params, baselines: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """name -> lrs and iterations: the GSM on the recipe, then each CNN entry trained on this recipe
-    (an entry trained on another one is left out, with its differences named)."""
+def models_to_run(p: Params, baselines: Path) -> dict[str, dict[str, Any]]:
+    """name -> lrs and iterations: the GSM on the recipe, then each CNN entry of `baselines` trained
+    on this recipe (gsm.stages.read_baselines; an entry trained on another one is left out, with its
+    differences named)."""
     todo = {GSM: {"lr": {}, "iters": {s: p.train.stage(s).iters for s in STAGES}}}
-    for name, e in baselines.items():
-        changes = [f"train.{s}.{d}" for s in STAGES
-                   for d in stage_differences((e.get("recipe") or {}).get(s) or {}, p.train.stage(s))]
-        if changes:
-            print(f"skipping {name}: trained on another recipe ({', '.join(changes)})", file=sys.stderr)
+    for name, e in stages.read_baselines(baselines, read_manifest(p.data), p.eval.models, p.train).items():
+        if e["recipe_changes"]:
+            print(f"skipping {name}: trained on another recipe ({', '.join(e['recipe_changes'])})", file=sys.stderr)
             continue
         todo[name] = {"lr": e.get("lr", {}), "iters": e["iters"]}
     return todo
@@ -135,7 +117,7 @@ def run_cell(p: Params, name: str, spec: dict[str, Any], seed: int, runs: Path) 
         return {"seconds": seconds, "scores": scores, "source": str(runs)}
     with tempfile.TemporaryDirectory(prefix="gsm-seed-spread-") as tmp:
         seconds, ckpts = train_cell(ps, spec["iters"], Path(tmp), cnn=name != GSM)
-        scores = score(ps, ckpts, load_model if name == GSM else _load_cnn)
+        scores = score(ps, ckpts, load_model if name == GSM else plain_cnn.load_cnn)
     return {"seconds": seconds, "scores": scores, "source": "trained here"}
 
 
@@ -198,8 +180,7 @@ def run(params: Path, runs: Path, out: Path, seeds: list[int]) -> dict[str, Any]
     p = load_params(params)
     path = out / "seed_spread.json"
     doc = json.loads(path.read_text()) if path.is_file() else {}
-    bl = out / "baselines.json"
-    todo = models_to_run(p, json.loads(bl.read_text()) if bl.is_file() else {})
+    todo = models_to_run(p, out / "baselines.json")
     # What a cell was made from, as stored: a cell made from anything else is trained again.
     manifest = read_manifest(p.data)
     made = json.loads(json.dumps({"recipe": {s: to_mapping(p.train.stage(s)) for s in STAGES},

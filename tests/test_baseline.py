@@ -273,8 +273,8 @@ def test_seed_spread_trains_each_model_per_seed_and_resumes(
     other["reds"]["gt_size"] += 4
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "baselines.json").write_text(json.dumps({
-        "plain_cnn": {"lr": {"reds": 5e-4}, "iters": {"reds": 3, "vimeo": 2}, "recipe": recipe},
-        "old_cnn": {"lr": {}, "iters": {"reds": 3, "vimeo": 2}, "recipe": other},  # another recipe: left out
+        "plain_cnn": {"profile": "quickstart", "lr": {"reds": 5e-4}, "iters": {"reds": 3, "vimeo": 2}, "recipe": recipe},
+        "old_cnn": {"profile": "quickstart", "lr": {}, "iters": {"reds": 3, "vimeo": 2}, "recipe": other},  # left out
     }))
     doc = seed_spread.run(params, runs, reports, seeds=[0, 1])
     assert doc["models"] == ["gsm", "plain_cnn"]
